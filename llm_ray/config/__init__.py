@@ -1,0 +1,34 @@
+"""Typed recipes. Importing this package must not import torch or ray."""
+
+from llm_ray.config.loader import RecipeError, apply_overrides, from_dict, parse_override
+from llm_ray.config.recipe import (
+    CheckpointConfig,
+    DataConfig,
+    MoEConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    Recipe,
+    RunConfig,
+    TokenizerConfig,
+    TrainConfig,
+    load_recipe,
+)
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "Recipe",
+    "RecipeError",
+    "RunConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_recipe",
+    "parse_override",
+]
