@@ -62,6 +62,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
+    norm_position: Literal["pre", "post"] = "pre"  # post: BERT-style, plus a norm on embeddings
     ffn: Literal["swiglu", "gelu"] = "swiglu"
     bias: bool = False
     tie_embeddings: bool = True
@@ -113,6 +114,8 @@ class TokenizerConfig:
 
     def __post_init__(self):
         _check(self.vocab_size >= 32, "vocab_size", "must be >= 32")
+        if self.kind == "bpe":  # 256 byte symbols + <|endoftext|> + <|pad|>
+            _check(self.vocab_size >= 258, "vocab_size", "byte-level BPE needs vocab_size >= 258")
         _check(self.min_frequency >= 1, "min_frequency", "must be >= 1")
 
 
@@ -164,7 +167,7 @@ class TrainConfig:
     max_steps: int = 100
     seed: int = 1234
     log_every: int = 10
-    peak_tflops: Optional[float] = None  # per worker, for MFU; None: measure a bf16 matmul at start
+    peak_tflops: Optional[float] = None  # per worker, for MFU; None: measure a matmul in `precision` at start
 
     def __post_init__(self):
         _check(0 < self.mlm_probability < 1, "mlm_probability", "must be in (0, 1)")

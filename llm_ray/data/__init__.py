@@ -1,0 +1,1 @@
+"""Data: reading local text files and the tokenizer that turns them into token ids."""

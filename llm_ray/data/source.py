@@ -1,0 +1,58 @@
+"""The small interface between training and where its tokens come from.
+
+A source serves micro batches addressed by a global sample position (see ``sampler.py``); the
+training loop only keeps that position in its checkpoint. ``TokenBlockSource`` serves
+in-memory packed blocks (local text files here); the object-storage streaming source of the
+data pipeline implements the same ``micro_batch`` call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import numpy as np
+
+from llm_ray.data.packing import MaskingSpec, causal_lm_example, masked_lm_example, pack_sequences
+from llm_ray.data.sampler import GlobalSampler
+
+
+class TrainingSource(Protocol):
+    num_samples: int
+
+    def micro_batch(self, start: int, micro_step: int, dp_rank: int, dp_size: int, micro: int) -> dict[str, np.ndarray]:
+        """Rows for one rank's micro step; keys input_ids, labels (B, T) and sample_ids (B,)."""
+        ...
+
+
+class TokenBlockSource:
+    def __init__(self, blocks: np.ndarray, objective: str, seed: int, masking: Optional[MaskingSpec] = None):
+        if objective == "masked_lm" and masking is None:
+            raise ValueError("masked_lm needs a MaskingSpec")
+        self.blocks = blocks
+        self.objective = objective
+        self.seed = seed
+        self.masking = masking
+        self.sampler = GlobalSampler(len(blocks), seed)
+        self.num_samples = len(blocks)
+
+    def micro_batch(self, start: int, micro_step: int, dp_rank: int, dp_size: int, micro: int) -> dict[str, np.ndarray]:
+        positions = self.sampler.micro_batch_positions(start, micro_step, dp_rank, dp_size, micro)
+        ids = self.sampler.sample_ids(positions)
+        rows = self.blocks[ids]
+        if self.objective == "causal_lm":
+            out = causal_lm_example(rows)
+        else:
+            out = masked_lm_example(rows, positions, self.masking, self.seed)
+        out["sample_ids"] = ids
+        return out
+
+
+def text_blocks(paths: list[str], tokenizer, seq_len: int, objective: str, sep_id: int) -> np.ndarray:
+    """Read local text files, tokenize every document and pack into training blocks."""
+    from llm_ray.data.text_files import list_text_files, read_documents
+    from llm_ray.data.tokenizer import encode_documents
+
+    documents = read_documents(list_text_files(paths))
+    ids = encode_documents(tokenizer, documents)
+    block_len = seq_len + 1 if objective == "causal_lm" else seq_len
+    return pack_sequences(ids, block_len, sep_id)

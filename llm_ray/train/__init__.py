@@ -1,0 +1,1 @@
+"""Pretraining on Ray Train with DeepSpeed: recipe -> engine -> checkpoints -> summary."""

@@ -1,0 +1,63 @@
+"""Pick device, distributed backend and DeepSpeed accelerator from what is present.
+
+One code path for CPU and GPU: nothing else in the project branches on hardware except through
+these helpers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: torch.device
+    backend: str  # torch.distributed backend: nccl on CUDA, gloo otherwise
+    accelerator: str  # DeepSpeed accelerator name (DS_ACCELERATOR)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def detect_device(cpu_threads: int | None = None) -> DeviceInfo:
+    """Call inside a Ray Train worker, before importing deepspeed (ray-project/ray#50406)."""
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        info = DeviceInfo(device, "nccl", "cuda")
+    else:
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        info = DeviceInfo(torch.device("cpu"), "gloo", "cpu")
+    # DeepSpeed reads DS_ACCELERATOR once, when it is first imported.
+    os.environ.setdefault("DS_ACCELERATOR", info.accelerator)
+    return info
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 2048, seconds: float = 1.0) -> float:
+    """Peak-like matmul throughput of this process on ``device``, for MFU's denominator.
+
+    On CPU there is no datasheet peak to quote (it depends on cores, AMX and the thread count the
+    worker got), so the guide's rule is to measure it in the same run.
+    """
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    iters, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * n**3 * iters / elapsed / 1e12

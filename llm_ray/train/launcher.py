@@ -1,0 +1,146 @@
+"""Driver side of pretraining: prepare tokenizer and data, run a Ray Train ``TorchTrainer``,
+write the run's ``summary.json``.
+
+Rerunning with the same ``run.storage_path`` and ``run.name`` resumes: Ray Train V2 restores its
+checkpoint manager from the run folder and hands the latest checkpoint to the workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+from llm_ray.config import Recipe
+from llm_ray.storage import Storage, resolve_storage
+
+
+@dataclass
+class PretrainResult:
+    run_dir: str
+    summary: dict
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster named by RAY_ADDRESS (as under ``ray job submit``) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def _use_gpu(recipe: Recipe) -> bool:
+    import ray
+
+    if recipe.parallel.use_gpu is not None:
+        return recipe.parallel.use_gpu
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _has_checkpoints(run: Storage) -> bool:
+    return any(n.startswith("checkpoint_") for n in run.listdir())
+
+
+def prepare_source(recipe: Recipe, run: Storage):
+    """Tokenizer (the run's own copy wins on resume) and the packed training source."""
+    from tokenizers import Tokenizer
+
+    from llm_ray.data.packing import MaskingSpec
+    from llm_ray.data.source import TokenBlockSource, text_blocks
+    from llm_ray.data.tokenizer import ensure_tokenizer, special_ids
+
+    data = recipe.data
+    if run.exists("tokenizer.json"):
+        tokenizer = Tokenizer.from_str(run.read_text("tokenizer.json"))
+    else:
+        tokenizer = ensure_tokenizer(data.tokenizer, data.paths)
+    special = special_ids(tokenizer)
+    vocab = tokenizer.get_vocab_size()
+    masking = None
+    if recipe.train.objective == "masked_lm":
+        if special.mask_id is None:
+            raise ValueError("data.tokenizer: masked_lm needs a tokenizer with a [MASK] token (kind: wordpiece)")
+        masking = MaskingSpec(
+            mask_id=special.mask_id,
+            vocab_size=vocab,
+            probability=recipe.train.mlm_probability,
+            special_ids=tuple(i for i in (special.pad_id, special.cls_id, special.sep_id, special.unk_id) if i is not None),
+        )
+    sep = special.eos_id if special.eos_id is not None else special.sep_id
+    blocks = text_blocks(data.paths, tokenizer, data.seq_len, recipe.train.objective, sep)
+    return tokenizer, TokenBlockSource(blocks, recipe.train.objective, recipe.train.seed, masking)
+
+
+def pretrain(recipe: Recipe) -> PretrainResult:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llm_ray.data.tokenizer import tokenizer_hash
+    from llm_ray.train.loop import train_worker
+
+    storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint)
+    run = storage.child(recipe.run.name)
+    if not recipe.checkpoint.resume and _has_checkpoints(run):
+        raise ValueError(
+            f"checkpoint.resume: run {run.uri} already has checkpoints; choose another run.name "
+            "or set checkpoint.resume=true to continue it"
+        )
+    ensure_ray()
+    use_gpu = _use_gpu(recipe)
+    tokenizer, source = prepare_source(recipe, run)
+    model_cfg = dataclasses.replace(recipe.model, vocab_size=recipe.model.vocab_size or tokenizer.get_vocab_size())
+    if model_cfg.vocab_size < tokenizer.get_vocab_size():
+        raise ValueError(
+            f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()}"
+        )
+    run.write_text("recipe.yaml", recipe.to_yaml())
+    run.write_text("tokenizer.json", tokenizer.to_str())
+
+    p = recipe.parallel
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "recipe": recipe.to_dict(),
+            "model": dataclasses.asdict(model_cfg),
+            "recipe_hash": recipe.hash(),
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "source": ray.put(source),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=p.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        # A collective that waits longer than this fails instead of hanging the job forever.
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
+        run_config=ray.train.RunConfig(
+            name=recipe.run.name,
+            storage_path=storage.root,
+            storage_filesystem=storage.fs,
+            failure_config=ray.train.FailureConfig(max_failures=recipe.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.checkpoint.keep),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}},
+        ),
+    )
+    started = time.time()
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    summary = {
+        "run_dir": run.uri,
+        "recipe_hash": recipe.hash(),
+        "initial_loss": metrics.get("initial_loss"),
+        "final_loss": metrics.get("final_loss"),
+        "steps": metrics.get("steps"),
+        "tokens_per_s": metrics.get("tokens_per_s"),
+        "mfu": metrics.get("mfu"),
+        "peak_tflops": metrics.get("peak_tflops"),
+        "stopped_early": metrics.get("stopped_early"),
+        "checkpoint": run.child(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]).uri if result.checkpoint else None,
+        "wall_s": round(time.time() - started, 2),
+        "num_workers": p.num_workers,
+        "use_gpu": use_gpu,
+    }
+    run.write_text("summary.json", json.dumps(summary, indent=2))
+    return PretrainResult(run.uri, summary)

@@ -1,0 +1,170 @@
+"""The function every Ray Train worker runs: build the engine, restore, train, checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from llm_ray.config import ModelConfig, Recipe, from_dict
+from llm_ray.data.source import TrainingSource
+from llm_ray.storage import resolve_storage
+from llm_ray.train.checkpointing import TrainState, restore_checkpoint, save_checkpoint
+from llm_ray.train.device import detect_device, measure_matmul_tflops
+
+FAILURE_MARKER = "injected_failure_done"
+
+
+def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.from_numpy(batch["input_ids"]).to(device, non_blocking=True),
+        torch.from_numpy(batch["labels"]).to(device, non_blocking=True),
+    )
+
+
+class _Step:
+    """One optimizer step over ``grad_accum`` micro batches; returns the mean loss over DP ranks."""
+
+    def __init__(self, engine, source: TrainingSource, recipe: Recipe, device, dp_rank: int, dp_size: int):
+        self.engine, self.source, self.device = engine, source, device
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.micro, self.accum = recipe.train.micro_batch_size, recipe.grad_accum_steps
+        self.pipeline = recipe.parallel.pipeline_stages > 1
+
+    def _micro_batch(self, start: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _to_device(self.source.micro_batch(start, m, self.dp_rank, self.dp_size, self.micro), self.device)
+
+    def __call__(self, start: int) -> tuple[float, float]:
+        """Returns (loss, seconds spent waiting for data)."""
+        from llm_ray.train.parallelize import lm_loss
+
+        if self.pipeline:
+            # PipelineEngine pulls `accum` micro batches itself (1F1B) and averages the loss over
+            # micro batches and data-parallel ranks on the last stage, then broadcasts it.
+            t0 = time.perf_counter()
+            batches = [self._micro_batch(start, m) for m in range(self.accum)]
+            wait = time.perf_counter() - t0
+            return float(self.engine.train_batch(data_iter=iter(batches))), wait
+        total = torch.zeros((), device=self.device)
+        wait = 0.0
+        for m in range(self.accum):
+            t0 = time.perf_counter()
+            inputs, labels = self._micro_batch(start, m)
+            wait += time.perf_counter() - t0
+            loss = lm_loss(self.engine(inputs), labels)
+            # DeepSpeed divides by the accumulation steps itself (scale_wrt_gas).
+            self.engine.backward(loss + self.engine.module.aux_loss())
+            self.engine.step()
+            total += loss.detach()
+        total /= self.accum
+        dist.all_reduce(total)
+        return float(total) / dist.get_world_size(), wait
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def train_worker(config: dict) -> None:
+    """Entry point of each Ray Train worker; ``config`` comes from ``launcher.py``."""
+    import ray
+    import ray.train
+
+    recipe = from_dict(Recipe, config["recipe"])
+    model_cfg = from_dict(ModelConfig, config["model"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    dev = detect_device(recipe.parallel.cpus_per_worker)
+    import deepspeed  # after detect_device set DS_ACCELERATOR
+
+    deepspeed.init_distributed(dist_backend=dev.backend)
+    if recipe.train.precision == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
+        raise RuntimeError(f"train.precision: fp16 is not supported on {dev.device.type} here; use bf16 or fp32")
+
+    from llm_ray.models import flops_per_token
+    from llm_ray.train.parallelize import build_engine
+
+    source: TrainingSource = ray.get(config["source"])
+    run = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint).child(recipe.run.name)
+    engine = build_engine(recipe, model_cfg, dev.is_gpu)
+    if recipe.parallel.pipeline_stages > 1:
+        dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
+    else:
+        dp_rank, dp_size = rank, ctx.get_world_size()
+
+    expect = {"model": config["model"], "tokenizer_hash": config["tokenizer_hash"]}
+    checkpoint = ray.train.get_checkpoint()
+    state = restore_checkpoint(engine, checkpoint, rank, expect) if checkpoint else TrainState()
+
+    t = recipe.train
+    # MFU's denominator: a matmul in the run's own precision, measured now on this worker (CPUs
+    # differ: with AMX bf16 is ~7x fp32, without it bf16 can be slower than fp32).
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
+    peak = torch.tensor(t.peak_tflops or measure_matmul_tflops(dev.device, dtype), dtype=torch.float64)
+    dist.all_reduce(peak)  # cluster peak = sum over workers, each measured with its own threads
+    tokens_per_step = t.global_batch_size * recipe.data.seq_len
+    flops_per_step = flops_per_token(model_cfg, recipe.data.seq_len) * tokens_per_step
+
+    logger = None
+    if rank == 0:
+        from llm_ray.train.metrics import MetricsLogger
+
+        logger = MetricsLogger(run, state.step, t.max_steps, recipe.run.progress_bar)
+    step_fn = _Step(engine, source, recipe, dev.device, dp_rank, dp_size)
+    manifest = {**expect, "recipe_hash": config["recipe_hash"], "world_size": ctx.get_world_size()}
+    timed_steps, timed_seconds, last = 0, 0.0, {}
+    while state.step < t.max_steps:
+        step = state.step + 1
+        if recipe.run.fail_at_step == step and rank == 0 and not run.exists(FAILURE_MARKER):
+            run.write_text(FAILURE_MARKER, f"crashed at step {step}\n")
+            os._exit(1)  # a hard crash, like a node loss or OOM kill: FailureConfig restarts us
+        start = time.perf_counter()
+        loss, data_wait = step_fn(state.samples)
+        if dev.is_gpu:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        state.step, state.samples = step, state.samples + t.global_batch_size
+        if state.initial_loss is None:
+            state.initial_loss = loss
+        if step > 1 or t.max_steps == 1:  # the first step pays one-off set-up costs
+            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
+        tokens_per_s = tokens_per_step / seconds
+        last = {
+            "step": step,
+            "loss": loss,
+            "lr": float(engine.get_lr()[0]),
+            "tokens_per_s": tokens_per_s,
+            "mfu": flops_per_step / seconds / (float(peak) * 1e12),
+            "data_wait_s": data_wait,
+            "step_s": seconds,
+        }
+        grad_norm = _grad_norm(engine)
+        if grad_norm is not None:
+            last["grad_norm"] = grad_norm
+        if logger:
+            logger.log(step, last)
+        due = step % recipe.checkpoint.every_steps == 0 or step == t.max_steps or step == recipe.run.stop_at_step
+        if due:
+            mean_tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds else tokens_per_s
+            metrics = {
+                **last,
+                "initial_loss": state.initial_loss,
+                "final_loss": loss,
+                "steps": step,
+                "tokens_per_s": mean_tps,
+                "mfu": mean_tps * flops_per_step / tokens_per_step / (float(peak) * 1e12),
+                "peak_tflops": float(peak),
+                "stopped_early": step < t.max_steps,
+            }
+            if logger:
+                logger.sync()
+            save_checkpoint(engine, state, manifest, metrics, rank, run)
+        if step == recipe.run.stop_at_step:
+            break
+    if logger:
+        logger.close()
