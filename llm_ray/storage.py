@@ -57,6 +57,7 @@ class Storage:
         pafs.copy_files(local_dir, posixpath.join(self.root, name), destination_filesystem=self.fs)
 
     def download_dir(self, name: str, local_dir: str) -> None:
+        os.makedirs(local_dir, exist_ok=True)
         pafs.copy_files(posixpath.join(self.root, name), local_dir, source_filesystem=self.fs)
 
 

@@ -18,6 +18,9 @@ import yaml
 from llm_ray.config.loader import RecipeError, apply_overrides, from_dict, load_yaml
 
 
+DEFAULT_CORPUS = "jobs/data/tiny_corpus.txt"
+
+
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise RecipeError(key, message)
@@ -122,7 +125,8 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     source: Literal["text"] = "text"  # local text files, tokenized and packed in memory
-    paths: list[str] = field(default_factory=list)  # files or folders (*.txt inside)
+    # files or folders (*.txt inside); default: the corpus bundled with the repo
+    paths: list[str] = field(default_factory=lambda: [DEFAULT_CORPUS])
     seq_len: int = 128
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -251,7 +255,7 @@ class RunConfig:
 @dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(paths=["jobs/data/tiny_corpus.txt"]))
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

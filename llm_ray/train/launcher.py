@@ -42,6 +42,24 @@ def _has_checkpoints(run: Storage) -> bool:
     return any(n.startswith("checkpoint_") for n in run.listdir())
 
 
+def _check_resumable(run: Storage, model: dict, tok_hash: str) -> None:
+    """Refuse, before any worker starts, to resume a run written with another model or tokenizer."""
+    from llm_ray.train.checkpointing import MANIFEST, latest_complete_checkpoint
+
+    ckpt = latest_complete_checkpoint(run)
+    if ckpt is None:
+        return
+    manifest = json.loads(ckpt.read_text(MANIFEST))
+    if manifest["tokenizer_hash"] != tok_hash:
+        raise ValueError(f"data.tokenizer: run {run.uri} was trained with another tokenizer; use a new run.name")
+    for key, value in model.items():
+        if manifest["model"].get(key) != value:
+            raise ValueError(
+                f"model.{key}: run {run.uri} has checkpoints with {key}={manifest['model'].get(key)!r}, "
+                f"the recipe says {value!r}; use a new run.name to start over"
+            )
+
+
 def prepare_source(recipe: Recipe, run: Storage):
     """Tokenizer (the run's own copy wins on resume) and the packed training source."""
     from tokenizers import Tokenizer
@@ -95,6 +113,7 @@ def pretrain(recipe: Recipe) -> PretrainResult:
         raise ValueError(
             f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()}"
         )
+    _check_resumable(run, dataclasses.asdict(model_cfg), tokenizer_hash(tokenizer))
     run.write_text("recipe.yaml", recipe.to_yaml())
     run.write_text("tokenizer.json", tokenizer.to_str())
 

@@ -1,0 +1,113 @@
+"""Shared fixtures: one real local Ray cluster per test session, tiny recipes, a shared tokenizer."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "jobs" / "data" / "tiny_corpus.txt"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Set before the session's Ray cluster starts so its workers inherit them: moto accepts any
+# credentials, and nothing may fall back to a real AWS account from a test.
+for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ[_key] = _value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster shared by the session (2 cores here; 4 logical CPUs so that a
+    2-worker run and Ray Train's controller fit at once)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint over HTTP on loopback (moto server), for the session."""
+    port = free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tokenizer_paths(tmp_path_factory) -> dict[str, str]:
+    """BPE and WordPiece tokenizers trained once per session on the bundled corpus."""
+    from llm_ray.data.tokenizer import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    paths = {}
+    for kind, vocab in (("bpe", 512), ("wordpiece", 512)):
+        path = str(root / f"{kind}.json")
+        save_tokenizer(train_tokenizer([str(CORPUS)], kind, vocab), path)
+        paths[kind] = path
+    return paths
+
+
+def tiny_overrides(storage: Path, name: str, tokenizer: str) -> list[str]:
+    """A 2-layer d=64 decoder on 32-token sequences: seconds per run on CPU."""
+    return [
+        f"data.paths=[{CORPUS}]",
+        f"data.tokenizer.path={tokenizer}",
+        "data.tokenizer.vocab_size=512",
+        "data.seq_len=32",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.max_seq_len=64",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=10",
+        "checkpoint.every_steps=5",
+        f"run.storage_path={storage}",
+        f"run.name={name}",
+        "run.progress_bar=false",
+    ]
