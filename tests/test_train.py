@@ -30,9 +30,10 @@ ENCODER = [
 ]
 CASES = {
     "zero0_1w_fp32": ["train.precision=fp32"],
-    "zero2_2w": ["parallel.num_workers=2", "parallel.zero_stage=2"],
-    "zero3_2w_offload": ["parallel.num_workers=2", "parallel.zero_stage=3", "parallel.offload=optimizer"],
-    "pipeline_2x1": ["parallel.num_workers=2", "parallel.pipeline_stages=2", "parallel.zero_stage=1"],
+    # explicit bf16 where the default (auto) would pick fp32 on a CPU without AMX
+    "zero2_2w": ["train.precision=bf16", "parallel.num_workers=2", "parallel.zero_stage=2"],
+    "zero3_2w_offload": ["train.precision=bf16", "parallel.num_workers=2", "parallel.zero_stage=3", "parallel.offload=optimizer"],
+    "pipeline_2x1": ["train.precision=bf16", "parallel.num_workers=2", "parallel.pipeline_stages=2", "parallel.zero_stage=1"],
     "moe": ["model.moe.num_experts=4", "model.moe.top_k=2"],
     # masked LM predicts ~15% of tokens, so it gets more steps to show the same drop
     "encoder_mlm": ENCODER + ["train.max_steps=20", "checkpoint.every_steps=10"],

@@ -2,6 +2,7 @@
 
 from llm_ray.config.loader import RecipeError, apply_overrides, from_dict, parse_override
 from llm_ray.config.recipe import (
+    DEFAULT_CORPUS,
     CheckpointConfig,
     DataConfig,
     MoEConfig,
@@ -16,6 +17,7 @@ from llm_ray.config.recipe import (
 )
 
 __all__ = [
+    "DEFAULT_CORPUS",
     "CheckpointConfig",
     "DataConfig",
     "MoEConfig",

@@ -55,12 +55,12 @@ class ModelConfig:
 
     arch: Literal["decoder", "encoder"] = "decoder"
     vocab_size: int = 0  # 0: taken from the tokenizer when the run starts
-    d_model: int = 256
+    d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None: = n_heads (MHA); 1: MQA; between: GQA
     d_ff: Optional[int] = None  # None: 4*d (gelu) or ~8/3*d rounded to 32 (swiglu)
-    max_seq_len: int = 512
+    max_seq_len: int = 256
     positions: Literal["rope", "learned", "sinusoidal"] = "rope"
     rope_theta: float = 10000.0
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
@@ -140,7 +140,7 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio``."""
 
-    lr: float = 3e-4
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.1
@@ -163,10 +163,12 @@ class OptimConfig:
 class TrainConfig:
     objective: Literal["causal_lm", "masked_lm"] = "causal_lm"
     mlm_probability: float = 0.15  # of which 80% [MASK], 10% random, 10% kept
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # auto: bf16 on GPUs that have it (else fp16); on CPU bf16 only where a matmul measured at
+    # start is faster in bf16 than fp32 (AMX), else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     activation_checkpointing: bool = False
-    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 4  # sequences per forward pass on one rank
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward pass on one rank
     gradient_accumulation_steps: Optional[int] = None  # None: global / (micro * data-parallel)
     max_steps: int = 100
     seed: int = 1234
@@ -224,7 +226,7 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 50  # also at the last step
+    every_steps: int = 25  # also at the last step
     keep: int = 2  # newest checkpoints kept in storage
     resume: bool = True  # resume from the latest checkpoint of run.storage_path/run.name
 

@@ -61,3 +61,23 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloa
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2 * n**3 * iters / elapsed / 1e12
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, float]:
+    """(precision, matmul TFLOP/s in it) for this worker; ``auto`` picks the faster one here.
+
+    Only ``auto`` compares: an explicit precision is measured, not second-guessed. Callers on
+    several ranks must agree on the result (``loop.py`` all-reduces the vote).
+    """
+    if requested != "auto":
+        return requested, measure_matmul_tflops(device, DTYPES[requested])
+    if device.type == "cuda":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision, measure_matmul_tflops(device, DTYPES[precision])
+    bf16 = measure_matmul_tflops(device, torch.bfloat16, seconds=0.5)
+    fp32 = measure_matmul_tflops(device, torch.float32, seconds=0.5)
+    # 1.2x margin: bf16 costs accuracy, so it must clearly pay for itself.
+    return ("bf16", bf16) if bf16 >= 1.2 * fp32 else ("fp32", fp32)

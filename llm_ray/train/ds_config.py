@@ -9,8 +9,12 @@ from __future__ import annotations
 from llm_ray.config import Recipe
 
 
-def deepspeed_config(recipe: Recipe, on_gpu: bool) -> dict:
+def deepspeed_config(recipe: Recipe, on_gpu: bool, precision: str | None = None) -> dict:
+    """``precision``: the resolved one when ``train.precision`` is ``auto`` (see device.py)."""
     t, p, o = recipe.train, recipe.parallel, recipe.optim
+    precision = precision or t.precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "fp32"  # what resolve_precision picks without a measurement
     zero: dict = {"stage": p.zero_stage}
     if p.zero_stage >= 1:
         zero.update(overlap_comm=on_gpu, contiguous_gradients=True)
@@ -48,8 +52,8 @@ def deepspeed_config(recipe: Recipe, on_gpu: bool) -> dict:
                 "warmup_type": "linear",
             },
         },
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
         # Our own progress bar, TensorBoard and metrics replace DeepSpeed's console prints.
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

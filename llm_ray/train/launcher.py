@@ -155,6 +155,7 @@ def pretrain(recipe: Recipe) -> PretrainResult:
         "tokens_per_s": metrics.get("tokens_per_s"),
         "mfu": metrics.get("mfu"),
         "peak_tflops": metrics.get("peak_tflops"),
+        "precision": metrics.get("precision"),
         "stopped_early": metrics.get("stopped_early"),
         "checkpoint": run.child(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]).uri if result.checkpoint else None,
         "wall_s": round(time.time() - started, 2),

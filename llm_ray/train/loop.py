@@ -12,7 +12,7 @@ from llm_ray.config import ModelConfig, Recipe, from_dict
 from llm_ray.data.source import TrainingSource
 from llm_ray.storage import resolve_storage
 from llm_ray.train.checkpointing import TrainState, restore_checkpoint, save_checkpoint
-from llm_ray.train.device import detect_device, measure_matmul_tflops
+from llm_ray.train.device import detect_device, measure_matmul_tflops, resolve_precision
 
 FAILURE_MARKER = "injected_failure_done"
 
@@ -70,6 +70,19 @@ def _grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
+def _agree_on_precision(requested: str, device: torch.device) -> tuple[str, float]:
+    """Resolve ``auto`` on every rank; bf16 only if every rank found it faster (one engine,
+    one precision). Returns (precision, this rank's matmul TFLOP/s in it)."""
+    precision, tflops = resolve_precision(requested, device)
+    if requested != "auto":
+        return precision, tflops
+    vote = torch.tensor([0 if precision == "fp32" else 1], dtype=torch.int32, device=device)  # nccl: on GPU
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    if vote.item() == 0 and precision != "fp32":
+        return "fp32", measure_matmul_tflops(device, torch.float32)
+    return precision, tflops
+
+
 def train_worker(config: dict) -> None:
     """Entry point of each Ray Train worker; ``config`` comes from ``launcher.py``."""
     import ray
@@ -83,7 +96,9 @@ def train_worker(config: dict) -> None:
     import deepspeed  # after detect_device set DS_ACCELERATOR
 
     deepspeed.init_distributed(dist_backend=dev.backend)
-    if recipe.train.precision == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
+    t = recipe.train
+    precision, measured = _agree_on_precision(t.precision, dev.device)
+    if precision == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
         raise RuntimeError(f"train.precision: fp16 is not supported on {dev.device.type} here; use bf16 or fp32")
 
     from llm_ray.models import flops_per_token
@@ -91,7 +106,7 @@ def train_worker(config: dict) -> None:
 
     source: TrainingSource = ray.get(config["source"])
     run = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint).child(recipe.run.name)
-    engine = build_engine(recipe, model_cfg, dev.is_gpu)
+    engine = build_engine(recipe, model_cfg, dev.is_gpu, precision)
     if recipe.parallel.pipeline_stages > 1:
         dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
     else:
@@ -101,11 +116,8 @@ def train_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     state = restore_checkpoint(engine, checkpoint, rank, expect) if checkpoint else TrainState()
 
-    t = recipe.train
-    # MFU's denominator: a matmul in the run's own precision, measured now on this worker (CPUs
-    # differ: with AMX bf16 is ~7x fp32, without it bf16 can be slower than fp32).
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
-    peak = torch.tensor(t.peak_tflops or measure_matmul_tflops(dev.device, dtype), dtype=torch.float64)
+    # MFU's denominator: a matmul in the run's precision, measured at start on this worker.
+    peak = torch.tensor(t.peak_tflops or measured, dtype=torch.float64, device=dev.device)
     dist.all_reduce(peak)  # cluster peak = sum over workers, each measured with its own threads
     tokens_per_step = t.global_batch_size * recipe.data.seq_len
     flops_per_step = flops_per_token(model_cfg, recipe.data.seq_len) * tokens_per_step
@@ -159,6 +171,7 @@ def train_worker(config: dict) -> None:
                 "tokens_per_s": mean_tps,
                 "mfu": mean_tps * flops_per_step / tokens_per_step / (float(peak) * 1e12),
                 "peak_tflops": float(peak),
+                "precision": precision,
                 "stopped_early": step < t.max_steps,
             }
             if logger:

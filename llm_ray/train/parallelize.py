@@ -101,11 +101,11 @@ def pipeline_layers(cfg: ModelConfig) -> list:
     return layers
 
 
-def build_engine(recipe: Recipe, model_cfg: ModelConfig, on_gpu: bool):
+def build_engine(recipe: Recipe, model_cfg: ModelConfig, on_gpu: bool, precision: str | None = None):
     """Build the model for this rank and wrap it in a DeepSpeed engine (pipeline or not)."""
     import deepspeed
 
-    ds_config = deepspeed_config(recipe, on_gpu)
+    ds_config = deepspeed_config(recipe, on_gpu, precision)
     torch.manual_seed(recipe.train.seed)  # same initial weights on every rank and every run
     if recipe.parallel.pipeline_stages > 1:
         from deepspeed.pipe import PipelineModule
