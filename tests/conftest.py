@@ -111,3 +111,15 @@ def tiny_overrides(storage: Path, name: str, tokenizer: str) -> list[str]:
         f"run.name={name}",
         "run.progress_bar=false",
     ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip on machines without CUDA (CI has none)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -120,7 +120,10 @@ def train_worker(config: dict) -> None:
     peak = torch.tensor(t.peak_tflops or measured, dtype=torch.float64, device=dev.device)
     dist.all_reduce(peak)  # cluster peak = sum over workers, each measured with its own threads
     tokens_per_step = t.global_batch_size * recipe.data.seq_len
-    flops_per_step = flops_per_token(model_cfg, recipe.data.seq_len) * tokens_per_step
+    flops_per_tok = flops_per_token(model_cfg, recipe.data.seq_len)
+
+    def mfu(tokens_per_s: float) -> float:
+        return tokens_per_s * flops_per_tok / (float(peak) * 1e12)
 
     logger = None
     if rank == 0:
@@ -151,7 +154,7 @@ def train_worker(config: dict) -> None:
             "loss": loss,
             "lr": float(engine.get_lr()[0]),
             "tokens_per_s": tokens_per_s,
-            "mfu": flops_per_step / seconds / (float(peak) * 1e12),
+            "mfu": mfu(tokens_per_s),
             "data_wait_s": data_wait,
             "step_s": seconds,
         }
@@ -169,7 +172,7 @@ def train_worker(config: dict) -> None:
                 "final_loss": loss,
                 "steps": step,
                 "tokens_per_s": mean_tps,
-                "mfu": mean_tps * flops_per_step / tokens_per_step / (float(peak) * 1e12),
+                "mfu": mfu(mean_tps),
                 "peak_tflops": float(peak),
                 "precision": precision,
                 "stopped_early": step < t.max_steps,
