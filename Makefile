@@ -8,6 +8,8 @@ TORCH  ?= torch==2.13.0
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
+# Commands started by Ray (job entrypoints' `python`, `ray` itself) must find the venv's.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo test bench clean
 

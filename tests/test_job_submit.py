@@ -88,6 +88,9 @@ class HeadNode:
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+        # The job's `python` is looked up on PATH by the job supervisor: make it this interpreter
+        # (CI runs `.venv/bin/python -m pytest` without activating the venv).
+        base["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), base.get("PATH", "")])
         base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
                     DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
         self.client_env = dict(base)  # what a user's shell needs: auth mode and the token
