@@ -22,6 +22,16 @@ def cmd_pretrain(args) -> None:
     print(result.run_dir)
 
 
+def cmd_data_prepare(args) -> None:
+    from llm_ray.data.pipeline import prepare, print_summary
+
+    recipe = _recipe(args)
+    recipe.prepare.require_io()  # before any Ray work
+    summary = prepare(recipe)
+    print_summary(summary)
+    print(summary["output"])
+
+
 def cmd_recipe(args) -> None:
     from llm_ray.train.ds_config import deepspeed_config
 
@@ -84,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain with Ray Train + DeepSpeed")
     with_recipe(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("data", help="corpus pipeline on Ray Data")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("prepare", help="clean, dedup, scrub PII, tokenize and pack raw corpora into shards")
+    with_recipe(d)
+    d.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("recipe", help="print the resolved recipe (and the DeepSpeed JSON it generates)")
     with_recipe(p, required=False)

@@ -15,6 +15,10 @@ from typing import Optional
 import pyarrow.fs as pafs
 
 
+class StorageError(OSError):
+    """Storage unreachable, credentials refused, or nothing where a path should be."""
+
+
 @dataclass(frozen=True)
 class Storage:
     fs: pafs.FileSystem
@@ -36,18 +40,21 @@ class Storage:
         with self.fs.open_input_stream(posixpath.join(self.root, *parts)) as f:
             return f.read().decode()
 
-    def write_text(self, name: str, text: str) -> None:
+    def write_bytes(self, name: str, data: bytes) -> None:
         """Write a whole file: S3 PUTs are atomic; locally write a temp file and rename it."""
         path = posixpath.join(self.root, name)
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, path)
         else:
             with self.fs.open_output_stream(path) as f:
-                f.write(text.encode())
+                f.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
 
     def listdir(self) -> list[str]:
         selector = pafs.FileSelector(self.root, allow_not_found=True)
@@ -64,10 +71,11 @@ class Storage:
 def s3_filesystem(endpoint: Optional[str] = None) -> pafs.S3FileSystem:
     """S3 with credentials from the standard AWS environment/config; endpoint for S3-compatible stores."""
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {}
+    # Short timeouts: an unreachable endpoint should fail in seconds, not minutes.
+    kwargs: dict = {"connect_timeout": 5, "request_timeout": 30}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
-        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
@@ -82,3 +90,38 @@ def resolve_storage(storage_path: str, s3_endpoint: Optional[str] = None) -> Sto
         raise ValueError(f"run.storage_path: unsupported scheme in {storage_path!r} (use a local path or s3://)")
     root = os.path.abspath(os.path.expanduser(storage_path))
     return Storage(pafs.LocalFileSystem(), root, root)
+
+
+def _describe(uri: str) -> str:
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return f"bucket {bucket!r}, key {key or '/'!r}"
+    return f"path {uri!r}"
+
+
+def list_files(uri: str, s3_endpoint: Optional[str] = None) -> list[dict]:
+    """Files at or under ``uri`` (sorted), each {"uri", "size", "mtime"}.
+
+    Fails fast with the bucket and key named when storage is unreachable, credentials are
+    refused or nothing is there, instead of letting a pipeline start on an empty input.
+    """
+    store = resolve_storage(uri.rstrip("/"), s3_endpoint)
+    try:
+        info = store.fs.get_file_info(store.root)
+        if info.type == pafs.FileType.File:
+            infos = [info]
+        elif info.type == pafs.FileType.Directory or not store.is_local:
+            infos = store.fs.get_file_info(pafs.FileSelector(store.root, recursive=True, allow_not_found=True))
+        else:
+            infos = []
+    except OSError as e:
+        raise StorageError(f"cannot list {uri} ({_describe(uri)}): {e}") from None
+    scheme = "s3://" if not store.is_local else ""
+    files = [
+        {"uri": scheme + i.path, "size": i.size, "mtime": i.mtime_ns}
+        for i in infos
+        if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith(".")
+    ]
+    if not files:
+        raise StorageError(f"no input files at {uri} ({_describe(uri)})")
+    return sorted(files, key=lambda f: f["uri"])

@@ -1,5 +1,6 @@
 """Typed recipes. Importing this package must not import torch or ray."""
 
+from llm_ray.config.prepare import CleanConfig, DedupConfig, PIIConfig, PrepareConfig
 from llm_ray.config.loader import RecipeError, apply_overrides, from_dict, parse_override
 from llm_ray.config.recipe import (
     DEFAULT_CORPUS,
@@ -17,6 +18,10 @@ from llm_ray.config.recipe import (
 )
 
 __all__ = [
+    "CleanConfig",
+    "DedupConfig",
+    "PIIConfig",
+    "PrepareConfig",
     "DEFAULT_CORPUS",
     "CheckpointConfig",
     "DataConfig",

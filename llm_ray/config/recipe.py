@@ -16,6 +16,7 @@ from typing import Literal, Optional
 import yaml
 
 from llm_ray.config.loader import RecipeError, apply_overrides, from_dict, load_yaml
+from llm_ray.config.prepare import PrepareConfig
 
 
 DEFAULT_CORPUS = "jobs/data/tiny_corpus.txt"
@@ -124,9 +125,12 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["text"] = "text"  # local text files, tokenized and packed in memory
+    # text: local text files, tokenized and packed in memory when the run starts
+    # shards: packed Parquet shards written by `llm-ray data prepare` (local or s3://)
+    source: Literal["text", "shards"] = "text"
     # files or folders (*.txt inside); default: the corpus bundled with the repo
     paths: list[str] = field(default_factory=lambda: [DEFAULT_CORPUS])
+    shards: str = ""  # prepared dataset (the folder holding manifest.json), for source: shards
     seq_len: int = 128
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -134,6 +138,8 @@ class DataConfig:
         _check(self.seq_len >= 2, "seq_len", "must be >= 2")
         if self.source == "text":
             _check(bool(self.paths), "paths", "needs at least one text file or folder")
+        else:
+            _check(bool(self.shards), "shards", "needs the prepared dataset's folder (local or s3://)")
 
 
 @dataclass
@@ -239,11 +245,12 @@ class CheckpointConfig:
 class RunConfig:
     name: str = "run"
     storage_path: str = "runs"  # local folder or s3://bucket/prefix
-    s3_endpoint: Optional[str] = None  # S3-compatible endpoint; default: AWS_ENDPOINT_URL
+    s3_endpoint: Optional[str] = None  # for every s3:// path of the recipe; default: AWS_ENDPOINT_URL
     max_failures: int = 2  # worker-group restarts by Ray Train's FailureConfig
     stop_at_step: Optional[int] = None  # planned stop after this step's checkpoint (rerun resumes)
     fail_at_step: Optional[int] = None  # fault injection: rank 0 crashes once at this step
     progress_bar: bool = True
+    log_sample_ids: bool = False  # record each step's sample ids (global order) in metrics.jsonl
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
@@ -258,6 +265,7 @@ class RunConfig:
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

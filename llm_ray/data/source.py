@@ -8,7 +8,7 @@ data pipeline implements the same ``micro_batch`` call.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import numpy as np
 
@@ -22,6 +22,18 @@ class TrainingSource(Protocol):
     def micro_batch(self, start: int, micro_step: int, dp_rank: int, dp_size: int, micro: int) -> dict[str, np.ndarray]:
         """Rows for one rank's micro step; keys input_ids, labels (B, T) and sample_ids (B,)."""
         ...
+
+    def iterate(self, start: int, dp_rank: int, dp_size: int, micro: int, accum: int, steps: int) -> Iterator[dict]:
+        """This rank's micro batches for ``steps`` optimizer steps from data position ``start``."""
+        ...
+
+
+def iterate_micro_batches(source, start: int, dp_rank: int, dp_size: int, micro: int, accum: int, steps: int):
+    """``iterate`` for sources with cheap random access: micro batches in step order."""
+    global_batch = micro * dp_size * accum
+    for step in range(steps):
+        for m in range(accum):
+            yield source.micro_batch(start + step * global_batch, m, dp_rank, dp_size, micro)
 
 
 class TokenBlockSource:
@@ -45,6 +57,9 @@ class TokenBlockSource:
             out = masked_lm_example(rows, positions, self.masking, self.seed)
         out["sample_ids"] = ids
         return out
+
+    def iterate(self, start: int, dp_rank: int, dp_size: int, micro: int, accum: int, steps: int) -> Iterator[dict]:
+        return iterate_micro_batches(self, start, dp_rank, dp_size, micro, accum, steps)
 
 
 def text_blocks(paths: list[str], tokenizer, seq_len: int, objective: str, sep_id: int) -> np.ndarray:

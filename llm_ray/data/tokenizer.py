@@ -18,7 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -96,15 +96,27 @@ def train_tokenizer(
     min_frequency: int = 2,
 ) -> Tokenizer:
     """Train a tokenizer on the documents of ``files`` (split on blank lines, see text_files)."""
+    if not files:
+        raise ValueError("train_tokenizer needs at least one file")
+    # Train on the same documents that get encoded later (same splitting, same decoding of
+    # bad bytes) rather than on raw lines.
+    tok = train_tokenizer_from_texts(iter_documents(files), kind, vocab_size, min_frequency)
+    log.info("trained %s tokenizer: %d tokens from %d file(s)", kind, tok.get_vocab_size(), len(files))
+    return tok
+
+
+def train_tokenizer_from_texts(
+    texts: Iterable[str],
+    kind: Literal["bpe", "wordpiece"],
+    vocab_size: int,
+    min_frequency: int = 2,
+) -> Tokenizer:
+    """Train on an iterable of documents (e.g. the cleaned output of the corpus pipeline)."""
     builders = {"bpe": _bpe, "wordpiece": _wordpiece}
     if kind not in builders:
         raise ValueError(f"unknown tokenizer kind {kind!r}: expected one of {sorted(builders)}")
-    if not files:
-        raise ValueError("train_tokenizer needs at least one file")
     tok, trainer = builders[kind](vocab_size, min_frequency)
-    # Train on the same documents that get encoded later (same splitting, same decoding of
-    # bad bytes) rather than on raw lines.
-    tok.train_from_iterator(iter_documents(files), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     if kind == "wordpiece":
         # The template needs the ids, which exist only after training.
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -113,7 +125,6 @@ def train_tokenizer(
             pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
         )
-    log.info("trained %s tokenizer: %d tokens from %d file(s)", kind, tok.get_vocab_size(), len(files))
     return tok
 
 

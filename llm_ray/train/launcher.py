@@ -60,6 +60,21 @@ def _check_resumable(run: Storage, model: dict, tok_hash: str) -> None:
             )
 
 
+def _prepared_dataset(recipe: Recipe) -> Storage:
+    """The prepared dataset of ``data.shards``, checked against the recipe before training."""
+    from llm_ray.data.shards import read_manifest
+
+    dataset = resolve_storage(recipe.data.shards, recipe.run.s3_endpoint)
+    manifest = read_manifest(dataset)
+    if manifest is None:
+        raise ValueError(f"data.shards: no manifest.json under {dataset.uri}; run `llm-ray data prepare` first")
+    if manifest["seq_len"] != recipe.data.seq_len:
+        raise ValueError(f"data.seq_len: {recipe.data.seq_len}, but {dataset.uri} was packed with seq_len {manifest['seq_len']}")
+    if manifest["objective"] != recipe.train.objective:
+        raise ValueError(f"train.objective: {recipe.train.objective}, but {dataset.uri} was packed for {manifest['objective']}")
+    return dataset
+
+
 def prepare_source(recipe: Recipe, run: Storage):
     """Tokenizer (the run's own copy wins on resume) and the packed training source."""
     from tokenizers import Tokenizer
@@ -69,7 +84,11 @@ def prepare_source(recipe: Recipe, run: Storage):
     from llm_ray.data.tokenizer import ensure_tokenizer, special_ids
 
     data = recipe.data
-    if run.exists("tokenizer.json"):
+    dataset = None
+    if data.source == "shards":
+        dataset = _prepared_dataset(recipe)
+        tokenizer = Tokenizer.from_str(dataset.read_text("tokenizer.json"))  # the one the shards were packed with
+    elif run.exists("tokenizer.json"):
         tokenizer = Tokenizer.from_str(run.read_text("tokenizer.json"))
     else:
         tokenizer = ensure_tokenizer(data.tokenizer, data.paths)
@@ -85,6 +104,10 @@ def prepare_source(recipe: Recipe, run: Storage):
             probability=recipe.train.mlm_probability,
             special_ids=tuple(i for i in (special.pad_id, special.cls_id, special.sep_id, special.unk_id) if i is not None),
         )
+    if dataset is not None:
+        from llm_ray.data.streaming import ShardSource
+
+        return tokenizer, ShardSource(data.shards, recipe.train.objective, recipe.train.seed, masking, recipe.run.s3_endpoint)
     sep = special.eos_id if special.eos_id is not None else special.sep_id
     blocks = text_blocks(data.paths, tokenizer, data.seq_len, recipe.train.objective, sep)
     return tokenizer, TokenBlockSource(blocks, recipe.train.objective, recipe.train.seed, masking)

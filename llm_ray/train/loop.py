@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Iterator, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -27,32 +28,29 @@ def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torc
 class _Step:
     """One optimizer step over ``grad_accum`` micro batches; returns the mean loss over DP ranks."""
 
-    def __init__(self, engine, source: TrainingSource, recipe: Recipe, device, dp_rank: int, dp_size: int):
-        self.engine, self.source, self.device = engine, source, device
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.micro, self.accum = recipe.train.micro_batch_size, recipe.grad_accum_steps
+    def __init__(self, engine, batches: Iterator[dict], recipe: Recipe, device):
+        self.engine, self.batches, self.device = engine, batches, device
+        self.accum = recipe.grad_accum_steps
         self.pipeline = recipe.parallel.pipeline_stages > 1
 
-    def _micro_batch(self, start: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _to_device(self.source.micro_batch(start, m, self.dp_rank, self.dp_size, self.micro), self.device)
+    def _pull(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[np.ndarray], float]:
+        """The step's micro batches, their sample ids, and seconds spent waiting for them."""
+        t0 = time.perf_counter()
+        raw = [next(self.batches) for _ in range(self.accum)]
+        wait = time.perf_counter() - t0
+        return [_to_device(b, self.device) for b in raw], [b["sample_ids"] for b in raw], wait
 
-    def __call__(self, start: int) -> tuple[float, float]:
-        """Returns (loss, seconds spent waiting for data)."""
+    def __call__(self) -> tuple[float, list[np.ndarray], float]:
+        """Returns (loss, sample ids per micro batch, seconds spent waiting for data)."""
         from llm_ray.train.parallelize import lm_loss
 
+        batches, ids, wait = self._pull()
         if self.pipeline:
             # PipelineEngine pulls `accum` micro batches itself (1F1B) and averages the loss over
             # micro batches and data-parallel ranks on the last stage, then broadcasts it.
-            t0 = time.perf_counter()
-            batches = [self._micro_batch(start, m) for m in range(self.accum)]
-            wait = time.perf_counter() - t0
-            return float(self.engine.train_batch(data_iter=iter(batches))), wait
+            return float(self.engine.train_batch(data_iter=iter(batches))), ids, wait
         total = torch.zeros((), device=self.device)
-        wait = 0.0
-        for m in range(self.accum):
-            t0 = time.perf_counter()
-            inputs, labels = self._micro_batch(start, m)
-            wait += time.perf_counter() - t0
+        for inputs, labels in batches:
             loss = lm_loss(self.engine(inputs), labels)
             # DeepSpeed divides by the accumulation steps itself (scale_wrt_gas).
             self.engine.backward(loss + self.engine.module.aux_loss())
@@ -60,7 +58,17 @@ class _Step:
             total += loss.detach()
         total /= self.accum
         dist.all_reduce(total)
-        return float(total) / dist.get_world_size(), wait
+        return float(total) / dist.get_world_size(), ids, wait
+
+
+def _global_sample_ids(ids: list[np.ndarray], dp_rank: int) -> Optional[list[int]]:
+    """On rank 0: the step's sample ids in global-position order (micro step, then DP rank)."""
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (dp_rank, [a.tolist() for a in ids]))
+    if dist.get_rank() != 0:
+        return None
+    per_rank = dict(gathered)  # pipeline stages of one DP rank saw the same samples
+    return [i for m in range(len(ids)) for r in sorted(per_rank) for i in per_rank[r][m]]
 
 
 def _grad_norm(engine) -> float | None:
@@ -130,7 +138,11 @@ def train_worker(config: dict) -> None:
         from llm_ray.train.metrics import MetricsLogger
 
         logger = MetricsLogger(run, state.step, t.max_steps, recipe.run.progress_bar)
-    step_fn = _Step(engine, source, recipe, dev.device, dp_rank, dp_size)
+    batches = source.iterate(
+        state.samples, dp_rank, dp_size, t.micro_batch_size, recipe.grad_accum_steps,
+        steps=(recipe.run.stop_at_step or t.max_steps) - state.step,
+    )
+    step_fn = _Step(engine, batches, recipe, dev.device)
     manifest = {**expect, "recipe_hash": config["recipe_hash"], "world_size": ctx.get_world_size()}
     timed_steps, timed_seconds, last = 0, 0.0, {}
     while state.step < t.max_steps:
@@ -139,7 +151,8 @@ def train_worker(config: dict) -> None:
             run.write_text(FAILURE_MARKER, f"crashed at step {step}\n")
             os._exit(1)  # a hard crash, like a node loss or OOM kill: FailureConfig restarts us
         start = time.perf_counter()
-        loss, data_wait = step_fn(state.samples)
+        loss, ids, data_wait = step_fn()
+        sample_ids = _global_sample_ids(ids, dp_rank) if recipe.run.log_sample_ids else None
         if dev.is_gpu:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -158,6 +171,8 @@ def train_worker(config: dict) -> None:
             "data_wait_s": data_wait,
             "step_s": seconds,
         }
+        if sample_ids is not None:
+            last["sample_ids"] = sample_ids
         grad_norm = _grad_norm(engine)
         if grad_norm is not None:
             last["grad_norm"] = grad_norm
@@ -167,7 +182,7 @@ def train_worker(config: dict) -> None:
         if due:
             mean_tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds else tokens_per_s
             metrics = {
-                **last,
+                **{k: v for k, v in last.items() if k != "sample_ids"},
                 "initial_loss": state.initial_loss,
                 "final_loss": loss,
                 "steps": step,

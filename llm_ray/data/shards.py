@@ -1,0 +1,105 @@
+"""Packed Parquet shards and the manifest that makes a prepared dataset whole.
+
+Layout under the output prefix::
+
+    manifest.json                      written last: a dataset without it does not exist
+    tokenizer.json                     the tokenizer the shards were packed with
+    shards/shard-00003-of-00008.parquet
+    rejects/<reason>.jsonl             bad input with its source location
+
+Documents are assigned to shards by a stable hash of their ``doc_id`` and sorted inside a
+shard, so the same input and recipe give byte-identical shards however Ray splits the work.
+Each shard is one PUT on object storage (atomic) or a temp file renamed into place locally: a
+shard is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llm_ray.storage import Storage
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+FORMAT_VERSION = 1
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.parquet"
+
+
+def shard_of(doc_id: str, count: int) -> int:
+    """Stable shard assignment (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little") % count
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    block_len: int  # tokens per stored sequence (seq_len + 1 for causal LM)
+    sep_id: int  # appended after every document
+    keep_doc_boundaries: bool = False
+
+
+def pack_documents(token_lists: list[list[int]], spec: PackSpec) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Concatenate documents (each followed by ``sep_id``) and cut into full blocks.
+
+    Returns (blocks (N, block_len) int32, per-token document index (N, block_len) or None,
+    tokens dropped from the tail that did not fill a block).
+    """
+    lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
+    total = int(lengths.sum())
+    flat = np.empty(total, dtype=np.int32)
+    doc = np.repeat(np.arange(len(token_lists), dtype=np.int32), lengths) if spec.keep_doc_boundaries else None
+    pos = 0
+    for tokens in token_lists:
+        flat[pos : pos + len(tokens)] = tokens
+        flat[pos + len(tokens)] = spec.sep_id
+        pos += len(tokens) + 1
+    n = total // spec.block_len
+    blocks = flat[: n * spec.block_len].reshape(n, spec.block_len)
+    docs = doc[: n * spec.block_len].reshape(n, spec.block_len) if doc is not None else None
+    return blocks, docs, total - n * spec.block_len
+
+
+def shard_table(blocks: np.ndarray, docs: np.ndarray | None) -> pa.Table:
+    """One row per sequence: ``input_ids`` (fixed-size list of int32), optional ``doc_index``."""
+    width = blocks.shape[1]
+    columns = {"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1), pa.int32()), width)}
+    if docs is not None:
+        columns["doc_index"] = pa.FixedSizeListArray.from_arrays(pa.array(docs.reshape(-1), pa.int32()), width)
+    return pa.table(columns)
+
+
+def write_shard(out: Storage, name: str, table: pa.Table) -> int:
+    """Write a shard whole (see module docstring); returns its size in bytes."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    out.child(SHARDS).write_bytes(name, data)
+    return len(data)
+
+
+def read_shard(out: Storage, name: str) -> np.ndarray:
+    """(N, block_len) int32 sequences of one shard."""
+    with out.fs.open_input_file(posixpath.join(out.root, SHARDS, name)) as f:
+        column = pq.read_table(f, columns=["input_ids"]).column("input_ids").combine_chunks()
+    width = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def read_manifest(out: Storage) -> dict | None:
+    if not out.exists(MANIFEST):
+        return None
+    return json.loads(out.read_text(MANIFEST))
+
+
+def write_manifest(out: Storage, manifest: dict) -> None:
+    out.write_text(MANIFEST, json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2, sort_keys=True))
