@@ -83,6 +83,12 @@ def cmd_bench_train(args) -> None:
     bench_train(args.recipe, args.set, steps=args.steps)
 
 
+def cmd_bench_data(args) -> None:
+    from llm_ray.bench.data import bench_data
+
+    bench_data(copies=args.copies, steps=args.steps)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_recipe(b, required=False)
     b.add_argument("--steps", type=int, default=12)
     b.set_defaults(func=cmd_bench_train)
+    b = bsub.add_parser("data", help="prepare throughput vs plain read + tokenize; data-wait share of step time")
+    b.add_argument("--copies", type=int, default=8, help="copies of the bundled corpus (words shuffled) as input")
+    b.add_argument("--steps", type=int, default=30)
+    b.set_defaults(func=cmd_bench_data)
     return parser
 
 
