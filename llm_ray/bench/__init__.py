@@ -1,0 +1,1 @@
+"""Benchmarks: same-run ratios of the engine against a named baseline (not tests: nothing asserts a speed)."""

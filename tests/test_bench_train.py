@@ -1,0 +1,36 @@
+"""Smoke test of ``bench train``: it runs both sides and reports its figures.
+
+A benchmark, not a test of speed: nothing here compares timings.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llm_ray.bench.train import bench_train
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+KEYS = {
+    "bench", "params", "seq_len", "global_batch", "precision", "peak_tflops",
+    "engine_tokens_per_s", "bare_tokens_per_s", "engine_mfu", "bare_mfu", "engine_over_bare",
+    "engine_step_s", "bare_step_s",
+}
+
+
+def test_bench_train_reports_both_sides(ray_cluster, tokenizer_paths, tmp_path, capsys):
+    overrides = tiny_overrides(tmp_path, "bench", tokenizer_paths["bpe"]) + ["model.vocab_size=0"]
+    result = bench_train(None, overrides, steps=2)
+
+    assert KEYS <= result.keys()
+    assert result["bench"] == "train" and result["seq_len"] == 32 and result["global_batch"] == 8
+    for key in ("engine_tokens_per_s", "bare_tokens_per_s", "engine_mfu", "bare_mfu", "engine_over_bare"):
+        assert result[key] > 0, key
+    # Not a speed check: same weights, data, schedule and fp32 math give the same loss, which is
+    # what makes the two timings comparable.
+    assert result["engine_final_loss"] == pytest.approx(result["bare_final_loss"], rel=1e-4)
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line) == result
