@@ -27,6 +27,12 @@ class RecipeError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
+def check(cond: bool, key: str, message: str) -> None:
+    """Raise ``RecipeError(key, message)`` unless ``cond``; used by every section's __post_init__."""
+    if not cond:
+        raise RecipeError(key, message)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:

@@ -9,12 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from llm_ray.config.loader import RecipeError
+from llm_ray.config.loader import check as _check
 
-
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise RecipeError(key, message)
 
 
 @dataclass

@@ -15,16 +15,13 @@ from typing import Literal, Optional
 
 import yaml
 
-from llm_ray.config.loader import RecipeError, apply_overrides, from_dict, load_yaml
+from llm_ray.config.loader import apply_overrides, from_dict, load_yaml
+from llm_ray.config.loader import check as _check
 from llm_ray.config.prepare import PrepareConfig
 
 
 DEFAULT_CORPUS = "jobs/data/tiny_corpus.txt"
 
-
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise RecipeError(key, message)
 
 
 @dataclass
