@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.dataset import MaterializedDataset
 
 from llm_ray.config.prepare import DedupConfig
 
@@ -105,18 +106,18 @@ def _keep_smallest_per_hash(t: pa.Table) -> pa.Table:
 def near_dedup(ds: ray.data.Dataset, cfg: DedupConfig, *, num_partitions: int | None = None) -> tuple[ray.data.Dataset, dict]:
     """Drop near duplicates (estimated Jaccard of word shingles >= ``cfg.threshold``).
 
-    Returns the survivors (lazy over a materialized copy of ``ds``: upstream runs once) and
-    ``{"near_duplicates", "candidate_pairs", "verified_pairs"}``; pairs are distinct document
-    pairs sharing at least one LSH bucket, and those of them that pass verification.
+    Returns the survivors, lazy over ``ds``, and ``{"near_duplicates", "candidate_pairs",
+    "verified_pairs"}``: distinct document pairs sharing at least one LSH bucket, and those of
+    them that pass verification. ``ds`` is read twice (signatures, then the filter), so a lazy
+    one is materialized first; ``exact_dedup``'s output already is.
     """
+    if not isinstance(ds, MaterializedDataset):
+        ds = ds.materialize()
     bands, rows = optimal_lsh_params(cfg.threshold, cfg.num_perm)
     a, b = permutations(cfg.num_perm, cfg.seed)
-    signed = ds.map_batches(
-        _add_minhash, batch_format="pyarrow", fn_kwargs={"a": a, "b": b, "shingle_size": cfg.shingle_size}
-    ).materialize()
-
     edges = (
-        signed.select_columns(["doc_id", _MINHASH_COLUMN])
+        ds.select_columns(["doc_id", "text"])
+        .map_batches(_add_minhash, batch_format="pyarrow", fn_kwargs={"a": a, "b": b, "shingle_size": cfg.shingle_size})
         .map_batches(_band_rows, batch_format="pyarrow", fn_kwargs={"bands": bands, "rows": rows})
         .repartition(num_partitions or _default_partitions(), keys=["band", "bucket"])
         .map_batches(
@@ -138,15 +139,13 @@ def near_dedup(ds: ray.data.Dataset, cfg: DedupConfig, *, num_partitions: int | 
     removed = _non_minimal_members(links["src"].to_pylist(), links["dst"].to_pylist())
     stats["near_duplicates"] = len(removed)
 
-    out = signed.drop_columns([_MINHASH_COLUMN])
-    if removed:
-        # Broadcast once through the object store. Scaling limit: the driver holds the edges and
-        # the removed ids (about 50 bytes each: ~5 GB at 100M near duplicates); beyond that
-        # this wants a distributed anti-join (Ray's join needs polars) and connected components.
-        id_type = signed.schema().base_schema.field("doc_id").type
-        ref = ray.put(pa.array(sorted(removed), id_type))
-        out = out.map_batches(_drop_ids, batch_format="pyarrow", fn_kwargs={"removed": ref})
-    return out, stats
+    if not removed:
+        return ds, stats
+    # Broadcast once through the object store. Scaling limit: the driver holds the edges and
+    # the removed ids (about 50 bytes each: ~5 GB at 100M near duplicates); beyond that this
+    # wants a distributed anti-join (Ray's join needs polars) and distributed components.
+    ref = ray.put(pa.array(sorted(removed), ds.schema().base_schema.field("doc_id").type))
+    return ds.map_batches(_drop_ids, batch_format="pyarrow", fn_kwargs={"removed": ref}), stats
 
 
 def optimal_lsh_params(
