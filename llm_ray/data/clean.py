@@ -64,12 +64,29 @@ def normalize_text(text: str, unicode_form: str = "NFKC") -> str:
     source had an undecodable byte, and removing it would splice words together."""
     if unicode_form != "none":
         text = unicodedata.normalize(unicode_form, text)
-    text = _LINE_BREAKS.sub("\n", text)
-    text = _control_chars().sub("", text)
-    text = _TRAILING_SPACE.sub("", text)
-    text = _SPACE_RUNS.sub(" ", text)
-    text = _NEWLINE_RUNS.sub("\n\n", text)
+    # Python's ``re`` tries the whitespace patterns below at every position (they match single
+    # spaces), ~0.15 us a character; each step runs only when a substring test (C speed) shows
+    # it has something to do: same result, ~3x faster on typical text.
+    if any(c in text for c in _BREAK_CHARS):
+        text = _LINE_BREAKS.sub("\n", text)
+    ascii_only = text.isascii()  # O(1) in CPython
+    text = (_ASCII_CONTROL if ascii_only else _control_chars()).sub("", text)
+    # after the two steps above, ASCII whitespace is only space, tab and newline
+    odd = "\t" in text if ascii_only else _ODD_SPACE.search(text) is not None
+    if odd or " \n" in text or text.endswith(" "):
+        text = _TRAILING_SPACE.sub("", text)
+    if odd or "  " in text:
+        text = _SPACE_RUNS.sub(" ", text)
+    if "\n\n\n" in text:
+        text = _NEWLINE_RUNS.sub("\n\n", text)
     return text.strip()
+
+
+_BREAK_CHARS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what _LINE_BREAKS replaces
+_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]+")  # the Cc characters of ASCII but \n and \t
+# whitespace (what \s matches, str.isspace) other than space and newline: tab, NBSP, U+3000, ...
+_ODD_SPACE = re.compile("[" + "".join(re.escape(chr(c)) for c in range(0x3001) if chr(c).isspace() and chr(c) not in " \n") + "]")  # U+3000 is the last
+_ASCII_ALNUM_SPACE = bytes(range(48, 58)) + bytes(range(65, 91)) + bytes(range(97, 123)) + b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
 
 
 def repeated_line_ratio(text: str) -> float:
@@ -95,6 +112,8 @@ def symbol_ratio(text: str) -> float:
     """
     if not text:
         return 0.0
+    if text.isascii():  # no combining marks: delete letters, digits, whitespace in C and count the rest
+        return len(text.encode().translate(None, _ASCII_ALNUM_SPACE)) / len(text)
     symbols = sum(1 for m in _CANDIDATE_SYMBOL.finditer(text) if not unicodedata.category(m.group())[0] == "M")
     return symbols / len(text)
 

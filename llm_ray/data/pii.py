@@ -108,6 +108,29 @@ def _is_ipv6(match: str) -> bool:
         return False
 
 
+# Necessary conditions, one per pattern, tested before it: Python's ``re`` cannot skip ahead to
+# a pattern that begins with a lookbehind, so each scan costs ~0.15 us per character even on
+# text with nothing to find, while these simpler tests are 3-20x faster (for ASCII text \d is
+# [0-9], which ``re`` can skip to). Each holds for every string the pattern can match, so results are
+# unchanged.
+_UNICODE_GATES = {"card": re.compile(r"\d{4}"), "ipv4": re.compile(r"\d\.\d"), "phone1": re.compile(r"\d{3}[ .-]\d{4}")}
+_ASCII_GATES = {k: re.compile(g.pattern.replace("\\d", "[0-9]")) for k, g in _UNICODE_GATES.items()}
+_HAS_ZERO_DIGIT = re.compile(r"0\d")
+
+
+def _may_match(kind: str, text: str) -> bool:
+    if kind == "email":
+        return "@" in text
+    if kind == "ipv6":
+        return text.count(":") >= 2
+    if kind == "phone0":
+        return "+" in text
+    if kind == "phone2":
+        return _HAS_ZERO_DIGIT.search(text) is not None
+    gates = _ASCII_GATES if text.isascii() else _UNICODE_GATES
+    return gates[kind].search(text) is not None
+
+
 def scrub_pii(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
     """``text`` with PII replaced by placeholders, and how many of each kind were replaced."""
     counts = dict.fromkeys(PLACEHOLDERS, 0)
@@ -123,16 +146,19 @@ def scrub_pii(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
 
         return pattern.sub(repl, text)
 
-    if cfg.emails:
+    if cfg.emails and _may_match("email", text):
         text = sub(_EMAIL, "email", text)
-    if cfg.credit_cards:
+    if cfg.credit_cards and _may_match("card", text):
         text = sub(_CARD, "credit_card", text, _is_card)
     if cfg.ip_addresses:
-        text = sub(_IPV6, "ip_address", text, _is_ipv6)
-        text = sub(_IPV4, "ip_address", text)
+        if _may_match("ipv6", text):
+            text = sub(_IPV6, "ip_address", text, _is_ipv6)
+        if _may_match("ipv4", text):
+            text = sub(_IPV4, "ip_address", text)
     if cfg.phones:
-        for pattern, lo, hi in _PHONES:
-            text = sub(pattern, "phone", text, lambda s, lo=lo, hi=hi: lo <= len(_digits(s)) <= hi)
+        for i, (pattern, lo, hi) in enumerate(_PHONES):
+            if _may_match(f"phone{i}", text):
+                text = sub(pattern, "phone", text, lambda s, lo=lo, hi=hi: lo <= len(_digits(s)) <= hi)
     return text, counts
 
 

@@ -1,10 +1,19 @@
 """``llm-ray data prepare``: raw corpora -> clean, deduplicated, PII-scrubbed, packed shards.
 
-Stages, each a Ray Data operation over the whole corpus:
-
-    list inputs (fail fast) -> read + parse (bad input -> rejects) -> normalise + quality filters
-    -> exact dedup -> near dedup (MinHash LSH) -> PII scrub -> tokenize -> pack per shard + write
+    list inputs (fail fast, naming bucket and key)
+    1. one Ray Data pass: read + parse (bad input -> rejects) -> normalise + quality filters
+       -> dedup keys (content hash, MinHash, LSH band keys), materialized
+    2. dedup over the whole corpus: the keys (not the text) go to the driver, which decides
+       exact then near duplicates (``dedup.driver_dedup``); above ``DRIVER_DEDUP_MAX_INPUT_BYTES``
+       the Ray Data shuffles of ``exact_dedup``/``near_dedup`` run instead
+    3. one Ray Data pass: drop duplicates -> PII scrub -> tokenize (``encode_batch`` per block)
+    4. group by shard with plain Ray tasks (or Ray Data's groupby for very many blocks x shards),
+       pack, write each shard whole
     -> rejects/, tokenizer.json, summary.json, manifest.json (last)
+
+Fixed costs dominate small jobs on Ray Data: every hash shuffle starts actors (seconds each on a
+few cores), every materialization is a pipeline start. Hence two Ray Data passes and no shuffle
+at all when the dedup keys fit on the driver. Both paths give byte-identical shards.
 
 Files are listed through ``Storage`` and read as raw bytes inside a Ray Data map rather than
 with ``ray.data.read_binary_files``: the latter decompresses ``*.gz`` itself and fails the
@@ -22,14 +31,26 @@ import time
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from llm_ray.config import Recipe
-from llm_ray.data.shards import PackSpec, pack_documents, read_manifest, shard_name, shard_of, shard_table, write_manifest, write_shard
+from llm_ray.data.shards import PackSpec, pack_token_lists, read_manifest, shard_name, shard_of, shard_table, write_manifest, write_shard
 from llm_ray.storage import Storage, StorageError, list_files, resolve_storage
 
 CHARS_PER_TOKEN = 4.0  # rough estimate used only to choose the number of shards
 PII_COLUMNS = ("pii_email", "pii_phone", "pii_ip_address", "pii_credit_card")
 ROW = {"kind": "", "doc_id": "", "source": "", "line": -1, "text": "", "reason": "", "detail": "", "raw": ""}
+
+# Dedup decided on the driver from per-document keys (``dedup.driver_dedup``) up to this much
+# input, gzip counted 4x as text: ~160 bytes of keys per document, so ~1 GB of keys for 8 GiB
+# of 1 KB documents. Above it the cluster-scale Ray Data shuffles (``exact_dedup``,
+# ``near_dedup``) run instead. Both keep the same documents.
+DRIVER_DEDUP_MAX_INPUT_BYTES = 8 << 30
+# Shards are grouped with plain Ray tasks (every block split into one part per shard, then one
+# task per shard): blocks x shards objects, milliseconds up to this many. Beyond it Ray Data's
+# groupby shuffle, with its seconds of fixed cost, scales better.
+TASK_SHUFFLE_MAX_PARTS = 20_000
 
 
 def _fingerprint(recipe: Recipe, files: list[dict], tokenizer_hash: Optional[str]) -> str:
@@ -70,72 +91,149 @@ class _ParseFiles:
         return out
 
 
-class _Tokenize:
-    def __init__(self, tokenizer_json: str, shards: int):
-        from tokenizers import Tokenizer
+class _CleanAndKey:
+    """Normalise and quality-filter the records of a block, then compute the dedup keys of the
+    survivors (content hash, MinHash, LSH band keys). Fused by Ray Data into the parse task:
+    the text is read, cleaned and hashed in one pass, and only the keys go to the driver."""
 
-        self.tok = Tokenizer.from_str(tokenizer_json)
-        self.shards = shards
+    def __init__(self, clean_cfg, dedup_cfg, with_keys: bool):
+        self.clean_cfg, self.dedup_cfg, self.with_keys = clean_cfg, dedup_cfg, with_keys
 
-    def __call__(self, batch: dict) -> dict:
-        texts = [str(t) for t in batch["text"]]
-        encoded = self.tok.encode_batch(texts, add_special_tokens=False)
-        batch["tokens"] = [e.ids for e in encoded]  # variable length: Arrow list<int>
-        batch["shard"] = np.array([shard_of(str(d), self.shards) for d in batch["doc_id"]], dtype=np.int64)
-        return batch
+    def __call__(self, t: pa.Table) -> pa.Table:
+        from llm_ray.data.clean import clean_batch
+        from llm_ray.data.dedup import dedup_keys
 
-
-class _PackAndWrite:
-    """One group = one shard: sort by doc_id, pack, write (unless already there from a rerun)."""
-
-    def __init__(self, out_uri: str, endpoint: Optional[str], spec: PackSpec, shards: int, prefix: str):
-        self.out = resolve_storage(out_uri, endpoint)
-        self.spec, self.shards, self.prefix = spec, shards, prefix
-
-    def __call__(self, batch: dict) -> dict:
-        order = np.argsort(batch["doc_id"].astype(str), kind="stable")
-        tokens = [list(batch["tokens"][i]) for i in order]
-        blocks, docs, tail = pack_documents(tokens, self.spec)
-        index = int(batch["shard"][0])
-        name = f"{self.prefix}-{shard_name(index, self.shards)}"
-        written = 0
-        if len(blocks) and not self.out.exists("shards", name):
-            written = write_shard(self.out, name, shard_table(blocks, docs))
-        return {
-            "name": np.array([name]),
-            "num_sequences": np.array([len(blocks)]),
-            "num_tokens": np.array([blocks.size]),
-            "documents": np.array([len(tokens)]),
-            "tail_tokens_dropped": np.array([tail]),
-            "bytes_written": np.array([written]),
-        }
+        n = t.num_rows
+        texts = t["text"].to_pylist()
+        rec = np.flatnonzero(t["kind"].to_numpy(zero_copy_only=False) == "record")
+        drop = np.full(n, "", dtype=object)
+        if len(rec):
+            cleaned = clean_batch({"text": [texts[i] for i in rec]}, self.clean_cfg)
+            for j, i in enumerate(rec):
+                texts[i] = cleaned["text"][j]
+            drop[rec] = cleaned["drop_reason"]
+        t = t.set_column(t.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+        t = t.append_column("drop_reason", pa.array(drop.tolist(), pa.string()))
+        if self.with_keys:
+            keep = rec[drop[rec] == ""]
+            for name, col in dedup_keys([texts[i] for i in keep], self.dedup_cfg).items():
+                t = t.append_column(name, _scatter_fixed(col, keep, n))
+        return t
 
 
-def _tally(ds, fn) -> dict[str, int]:
-    """Sum per-batch counts ``fn(batch) -> dict[str, int]`` over a dataset.
-
-    A map pass whose one-row-per-block results are added up on the driver: counting needs no
-    shuffle (each Ray Data groupby/aggregate costs a hash shuffle with actors, seconds apiece).
-    """
-    def per_batch(batch):
-        counts = fn(batch)
-        return {"key": np.array(list(counts), dtype=object), "n": np.array(list(counts.values()), dtype=np.int64)}
-
-    totals: dict[str, int] = {}
-    for row in ds.map_batches(per_batch, batch_format="numpy").take_all():
-        totals[row["key"]] = totals.get(row["key"], 0) + int(row["n"])
-    return totals
+def _scatter_fixed(col: pa.Array, rows: np.ndarray, n: int) -> pa.Array:
+    """A fixed-size binary column of ``n`` rows: ``col`` at ``rows``, zero bytes elsewhere."""
+    width = col.type.byte_width
+    buf = np.zeros((n, width), np.uint8)
+    buf[rows] = np.frombuffer(col.buffers()[1], np.uint8)[col.offset * width : (col.offset + len(col)) * width].reshape(-1, width)
+    return pa.FixedSizeBinaryArray.from_buffers(col.type, n, [None, pa.py_buffer(buf.tobytes())])
 
 
-def _reasons(batch) -> dict[str, int]:
-    keys, counts = np.unique(batch["drop_reason"].astype(str), return_counts=True)
-    return {k: int(c) for k, c in zip(keys, counts) if k}
+def _kept_mask(t: pa.Table):
+    return pc.and_(pc.equal(t["kind"], "record"), pc.equal(t["drop_reason"], ""))
 
 
-def _pii_and_chars(batch) -> dict[str, int]:
-    counts = {c[len("pii_"):]: int(batch[c].sum()) for c in PII_COLUMNS if c in batch}
-    counts["chars"] = sum(len(str(t)) for t in batch["text"])
+def _scan_block(t: pa.Table, key_columns: list[str]) -> tuple[dict, pa.Table]:
+    """What the driver needs from a scanned block: its rejects (whole), record and filter
+    counts, and the dedup keys of its kept records (returned as a second object so the driver
+    fetches them only when it decides duplicates itself)."""
+    rejects = t.filter(pc.equal(t["kind"], "reject")).select(["source", "line", "reason", "detail", "raw"]).to_pylist()
+    records = t.filter(pc.equal(t["kind"], "record"))
+    reasons = records["drop_reason"].to_numpy(zero_copy_only=False)
+    keys, counts = np.unique(reasons[reasons != ""], return_counts=True)
+    kept = t.filter(_kept_mask(t))
+    chars = pc.utf8_length(kept["text"]).cast(pa.int64())
+    info = {"rejects": rejects, "records": records.num_rows, "filtered": {str(k): int(c) for k, c in zip(keys, counts)},
+            "kept": kept.num_rows, "chars": int(pc.sum(chars).as_py() or 0)}
+    return info, kept.select(["doc_id", *key_columns]).append_column("chars", chars)
+
+
+def _signatures_for(t: pa.Table, ids: pa.Array) -> pa.Table:
+    from llm_ray.data.dedup import KEY_SIGNATURE
+
+    return t.filter(pc.is_in(t["doc_id"], value_set=ids)).select(["doc_id", KEY_SIGNATURE])
+
+
+def _select_and_scrub(t: pa.Table, removed, pii_cfg) -> pa.Table:
+    """Kept records minus duplicates, PII replaced (with per-row counts), text and id only."""
+    import ray
+
+    from llm_ray.data.pii import scrub_batch
+
+    if "kind" in t.column_names:  # a scanned block (the driver-dedup path)
+        t = t.filter(_kept_mask(t))
+    if removed is not None:
+        ids = ray.get(removed) if isinstance(removed, ray.ObjectRef) else removed
+        t = t.filter(pc.invert(pc.is_in(t["doc_id"], value_set=ids)))
+    t = t.select(["doc_id", "text"])
+    if pii_cfg.enabled:
+        out = scrub_batch({"text": t["text"].to_pylist()}, pii_cfg)
+        t = t.set_column(1, "text", pa.array(list(out["text"]), pa.string()))
+        for c in PII_COLUMNS:
+            t = t.append_column(c, pa.array(out[c], pa.int64()))
+    return t
+
+
+_TOKENIZERS: dict = {}  # per worker process: parse a tokenizer once, not once per block
+
+
+def _tokenize(t: pa.Table, tokenizer_json, n_shards: int) -> pa.Table:
+    """Token ids (list<int32>) and the shard of each document; text dropped."""
+    import ray
+    from tokenizers import Tokenizer
+
+    key = tokenizer_json.hex() if isinstance(tokenizer_json, ray.ObjectRef) else hashlib.sha1(tokenizer_json.encode()).hexdigest()
+    if key not in _TOKENIZERS:
+        text = ray.get(tokenizer_json) if isinstance(tokenizer_json, ray.ObjectRef) else tokenizer_json
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = Tokenizer.from_str(text)
+    encoded = _TOKENIZERS[key].encode_batch(t["text"].to_pylist(), add_special_tokens=False)
+    tokens = pa.array([e.ids for e in encoded], pa.list_(pa.int32()))
+    shard = pa.array([shard_of(d, n_shards) for d in t["doc_id"].to_pylist()], pa.int64())
+    return t.drop_columns(["text"]).append_column("shard", shard).append_column("tokens", tokens)
+
+
+def _split_by_shard(t: pa.Table, n_shards: int):
+    """One part (doc_id, tokens) per shard, then this block's counts: the map side of the
+    shard grouping."""
+    if t.num_rows == 0:  # Ray Data passes an empty block through unmapped, whatever its columns
+        return (*[pa.table({})] * n_shards, {"documents": 0})
+    shard = t["shard"].to_numpy()
+    order = np.argsort(shard, kind="stable")
+    bounds = np.searchsorted(shard[order], np.arange(n_shards + 1))
+    t = t.take(pa.array(order))
+    parts = [t.slice(int(bounds[s]), int(bounds[s + 1] - bounds[s])).select(["doc_id", "tokens"]) for s in range(n_shards)]
+    return (*parts, _block_counts(t))
+
+
+def _block_counts(t: pa.Table) -> dict:
+    if t.num_rows == 0:
+        return {"documents": 0}
+    counts = {c[len("pii_"):]: int(pc.sum(t[c]).as_py() or 0) for c in PII_COLUMNS if c in t.column_names}
+    counts["documents"] = t.num_rows
     return counts
+
+
+def _pack_and_write(out_uri: str, endpoint: Optional[str], spec: PackSpec, name: str, *parts: pa.Table) -> dict:
+    """One shard: its documents sorted by doc_id, packed, written (unless already there)."""
+    parts = [p for p in parts if p.num_rows]
+    t = pa.concat_tables(parts) if parts else None
+    if t is None or t.num_rows == 0:
+        return {"name": name, "num_sequences": 0, "num_tokens": 0, "documents": 0, "tail_tokens_dropped": 0, "bytes_written": 0}
+    t = t.take(pc.sort_indices(t, [("doc_id", "ascending")]))
+    blocks, docs, tail = pack_token_lists(t["tokens"], spec)
+    out = resolve_storage(out_uri, endpoint)
+    written = 0
+    if len(blocks) and not out.exists("shards", name):
+        written = write_shard(out, name, shard_table(blocks, docs))
+    return {"name": name, "num_sequences": len(blocks), "num_tokens": int(blocks.size), "documents": t.num_rows,
+            "tail_tokens_dropped": tail, "bytes_written": written}
+
+
+def _pack_group(t: pa.Table, out_uri, endpoint, spec, n_shards, prefix) -> pa.Table:
+    """``_pack_and_write`` as a Ray Data ``map_groups`` function (the large-job path)."""
+    name = f"{prefix}-{shard_name(int(t['shard'][0].as_py()), n_shards)}"
+    return pa.Table.from_pylist([_pack_and_write(out_uri, endpoint, spec, name, t.select(["doc_id", "tokens"]))])
 
 
 def _write_rejects(out: Storage, rejects: list[dict]) -> dict[str, int]:
@@ -151,14 +249,25 @@ def _write_rejects(out: Storage, rejects: list[dict]) -> dict[str, int]:
     return {reason: len(rows) for reason, rows in sorted(by_reason.items())}
 
 
+def _input_text_bytes(files: list[dict]) -> int:
+    return sum((f["size"] or 0) * (4 if f["uri"].endswith(".gz") else 1) for f in files)
+
+
+def _add(into: dict, counts: dict) -> None:
+    for k, v in counts.items():
+        into[k] = into.get(k, 0) + v
+
+
+def _text_chars(t: pa.Table) -> int:
+    return int(pc.sum(pc.utf8_length(t["text"])).as_py() or 0)
+
+
 def prepare(recipe: Recipe) -> dict:
     """Run the pipeline; returns the summary (also saved as summary.json in the output)."""
     import ray
     import ray.data
 
-    from llm_ray.data.clean import clean_batch
-    from llm_ray.data.dedup import exact_dedup, near_dedup
-    from llm_ray.data.pii import scrub_batch
+    from llm_ray.data import dedup as dd
     from llm_ray.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_tokenizer_from_texts
     from llm_ray.train.launcher import ensure_ray
 
@@ -178,92 +287,164 @@ def prepare(recipe: Recipe) -> dict:
         return {**summary, "skipped": True}
 
     ensure_ray()
+    stages: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        stages[name] = round(now - clock[0], 2)
+        clock[0] = now
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     # Ray's default of 200 hash-shuffle partitions suits big clusters; on a few cores each costs
-    # an actor and seconds. Scale it with the cluster instead.
+    # an actor and seconds. Scale it with the cluster instead (used by the large-job paths).
     ctx.default_hash_shuffle_parallelism = max(2, min(200, 2 * int(ray.cluster_resources().get("CPU", 1))))
-    paths = ray.data.from_items([{"uri": f["uri"]} for f in files], override_num_blocks=min(len(files), 64))
-    parsed = paths.flat_map(_ParseFiles(cfg.format, cfg.text_field, endpoint)).materialize()
-    rejects = parsed.filter(expr="kind == 'reject'").take_all()
-    records = parsed.filter(expr="kind == 'record'").select_columns(["doc_id", "source", "line", "text"])
-    n_read = records.count()
+    # Operator resource reservation keeps half the cluster for operators downstream; our passes
+    # are single fused maps, and on 2 CPUs it ran one task at a time (measured: 20 tasks of
+    # 0.2 s took 4.2 s with it, 2.2 s without). Restored afterwards for other Ray Data users.
+    reservation = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        dedup_on = cfg.dedup.exact or cfg.dedup.near
+        on_driver = dedup_on and _input_text_bytes(files) <= DRIVER_DEDUP_MAX_INPUT_BYTES
+        key_columns = [dd.KEY_HASH] + ([dd.KEY_BANDS] if cfg.dedup.near else []) if on_driver else []
 
-    cleaned = records.map_batches(clean_batch, fn_kwargs={"cfg": cfg.clean}, batch_format="numpy").materialize()
-    filtered = _tally(cleaned, _reasons)
-    kept = cleaned.filter(expr="drop_reason == ''").drop_columns(["drop_reason"])
-    dedup_stats: dict = {}
-    if cfg.dedup.exact:
-        kept, stats = exact_dedup(kept)
-        dedup_stats.update(stats)
-    if cfg.dedup.near:
-        kept, stats = near_dedup(kept, cfg.dedup)
-        dedup_stats.update(stats)
-    if cfg.pii.enabled:
-        kept = kept.map_batches(scrub_batch, fn_kwargs={"cfg": cfg.pii}, batch_format="numpy")
-    kept = kept.materialize()
-    n_docs = kept.count()
-    if n_docs == 0:
-        raise ValueError("prepare: no document survived parsing, filters and dedup; see rejects/ and the filter counts")
-    pii_counts = _tally(kept, _pii_and_chars)
-    chars = pii_counts.pop("chars")
-    if cfg.pii.enabled:
-        kept = kept.drop_columns(list(PII_COLUMNS))
+        # 1. read + parse + clean + dedup keys: one Ray Data execution, the maps fused into one task
+        paths = ray.data.from_items([{"uri": f["uri"]} for f in files], override_num_blocks=min(len(files), 64))
+        scanned = (
+            paths.flat_map(_ParseFiles(cfg.format, cfg.text_field, endpoint))
+            .map_batches(_CleanAndKey(cfg.clean, cfg.dedup, on_driver), batch_size=None, batch_format="pyarrow")
+            .materialize()
+        )
+        refs = scanned.to_arrow_refs()
+        scan = ray.remote(_scan_block).options(num_returns=2)
+        scans = [scan.remote(ref, key_columns) for ref in refs]
+        infos = ray.get([s[0] for s in scans])
+        rejects = [r for i in infos for r in i["rejects"]]
+        n_read = sum(i["records"] for i in infos)
+        filtered: dict[str, int] = {}
+        for i in infos:
+            _add(filtered, i["filtered"])
+        filtered = dict(sorted(filtered.items()))
+        lap("read_clean_keys")
 
-    tokenizer = given
-    if tokenizer is None:  # trained on the cleaned corpus itself
-        t = recipe.data.tokenizer
-        texts = (row["text"] for row in kept.select_columns(["text"]).iter_rows())
-        tokenizer = train_tokenizer_from_texts(texts, t.kind, t.vocab_size, t.min_frequency)
-    special = special_ids(tokenizer)
-    sep = special.eos_id if special.eos_id is not None else special.sep_id
-    block_len = recipe.data.seq_len + (1 if recipe.train.objective == "causal_lm" else 0)
-    n_shards = max(1, math.ceil(chars / CHARS_PER_TOKEN / block_len / cfg.sequences_per_shard))
-    spec = PackSpec(block_len, sep, cfg.keep_doc_boundaries)
-    shard_rows = (
-        kept.map_batches(_Tokenize, fn_constructor_args=(tokenizer.to_str(), n_shards), concurrency=1, batch_format="numpy")
-        .groupby("shard")
-        .map_groups(_PackAndWrite, fn_constructor_args=(out.uri, endpoint, spec, n_shards, fingerprint), concurrency=1,
-                    batch_format="numpy")
-        .take_all()
-    )
-    shards = sorted((r for r in shard_rows if r["num_sequences"] > 0), key=lambda r: r["name"])
+        # 2. dedup across the whole corpus
+        removed_ref = None
+        if on_driver:
+            keys = pa.concat_tables(ray.get([s[1] for s in scans]))
+            signatures = ray.remote(_signatures_for)
 
-    reject_counts = _write_rejects(out, rejects)
-    out.write_text("tokenizer.json", tokenizer.to_str())
-    summary = {
-        "output": out.uri,
-        "fingerprint": fingerprint,
-        "inputs": len(files),
-        "records_read": n_read,
-        "rejects": reject_counts,
-        "filtered": filtered,
-        "dedup": dedup_stats,
-        "pii": pii_counts,
-        "documents": n_docs,
-        "sequences": int(sum(r["num_sequences"] for r in shards)),
-        "tokens": int(sum(r["num_tokens"] for r in shards)),
-        "tail_tokens_dropped": int(sum(r["tail_tokens_dropped"] for r in shards)),
-        "shards": len(shards),
-        "seconds": round(time.time() - started, 2),
-    }
-    out.write_text("summary.json", json.dumps(summary, indent=2))
-    write_manifest(out, {
-        "fingerprint": fingerprint,
-        "recipe_hash": recipe.hash(),
-        "sources": files,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "objective": recipe.train.objective,
-        "seq_len": recipe.data.seq_len,
-        "block_len": block_len,
-        "sep_id": sep,
-        "keep_doc_boundaries": cfg.keep_doc_boundaries,
-        "counts": {k: summary[k] for k in ("records_read", "rejects", "filtered", "dedup", "pii", "documents",
-                                           "sequences", "tokens")},
-        "shards": [{"name": str(r["name"]), "num_sequences": int(r["num_sequences"]), "num_tokens": int(r["num_tokens"]),
-                    "documents": int(r["documents"])} for r in shards],
-    })
-    return summary
+            def fetch(ids: list[str]) -> pa.Table:
+                wanted = ray.put(pa.array(ids, pa.string()))
+                return pa.concat_tables(ray.get([signatures.remote(ref, wanted) for ref in refs]))
+
+            removed, dedup_stats = dd.driver_dedup(keys, cfg.dedup, fetch)
+            survivors = keys.filter(pc.invert(pc.is_in(keys["doc_id"], value_set=pa.array(sorted(removed), pa.string()))))
+            n_docs, chars = survivors.num_rows, int(pc.sum(survivors["chars"]).as_py() or 0)
+            removed_ref = ray.put(pa.array(sorted(removed), pa.string())) if removed else None
+            kept = scanned
+        else:
+            kept = scanned.filter(expr="kind == 'record' and drop_reason == ''").select_columns(["doc_id", "source", "line", "text"])
+            dedup_stats = {}
+            if cfg.dedup.exact:
+                kept, stats = dd.exact_dedup(kept)
+                dedup_stats.update(stats)
+            if cfg.dedup.near:
+                kept, stats = dd.near_dedup(kept, cfg.dedup)
+                dedup_stats.update(stats)
+            kept = kept.materialize()
+            n_docs = kept.count()
+            chars = sum(i["chars"] for i in infos) if not dedup_on else sum(
+                ray.get([ray.remote(_text_chars).remote(ref) for ref in kept.to_arrow_refs()]))
+        if n_docs == 0:
+            raise ValueError("prepare: no document survived parsing, filters and dedup; see rejects/ and the filter counts")
+        lap("dedup")
+
+        # 3. PII scrub, tokenize (the tokenizer trained on the scrubbed corpus when none is given)
+        scrubbed = kept.map_batches(_select_and_scrub, batch_size=None, batch_format="pyarrow",
+                                    fn_kwargs={"removed": removed_ref, "pii_cfg": cfg.pii})
+        tokenizer = given
+        if tokenizer is None:
+            scrubbed = scrubbed.materialize()
+            t = recipe.data.tokenizer
+            texts = (s for ref in scrubbed.to_arrow_refs() for s in ray.get(ref)["text"].to_pylist())
+            tokenizer = train_tokenizer_from_texts(texts, t.kind, t.vocab_size, t.min_frequency)
+            lap("scrub_train_tokenizer")
+        special = special_ids(tokenizer)
+        sep = special.eos_id if special.eos_id is not None else special.sep_id
+        block_len = recipe.data.seq_len + (1 if recipe.train.objective == "causal_lm" else 0)
+        n_shards = max(1, math.ceil(chars / CHARS_PER_TOKEN / block_len / cfg.sequences_per_shard))
+        spec = PackSpec(block_len, sep, cfg.keep_doc_boundaries)
+        tokenized = scrubbed.map_batches(_tokenize, batch_size=None, batch_format="pyarrow",
+                                         fn_kwargs={"tokenizer_json": ray.put(tokenizer.to_str()), "n_shards": n_shards})
+        tokenized_refs = tokenized.materialize().to_arrow_refs()
+        lap("scrub_tokenize" if given is not None else "tokenize")
+
+        # 4. group by shard, pack, write
+        names = [f"{fingerprint}-{shard_name(s, n_shards)}" for s in range(n_shards)]
+        if len(tokenized_refs) * n_shards <= TASK_SHUFFLE_MAX_PARTS:
+            split = ray.remote(_split_by_shard).options(num_returns=n_shards + 1)
+            splits = [split.remote(ref, n_shards) for ref in tokenized_refs]
+            write = ray.remote(_pack_and_write)
+            shard_rows = ray.get([write.remote(out.uri, endpoint, spec, names[s], *[p[s] for p in splits]) for s in range(n_shards)])
+            block_counts = ray.get([p[n_shards] for p in splits])
+        else:
+            shard_rows = (
+                ray.data.from_arrow_refs(tokenized_refs)
+                .groupby("shard")
+                .map_groups(_pack_group, batch_format="pyarrow",
+                            fn_kwargs={"out_uri": out.uri, "endpoint": endpoint, "spec": spec, "n_shards": n_shards,
+                                       "prefix": fingerprint})
+                .take_all()
+            )
+            block_counts = ray.get([ray.remote(_block_counts).remote(ref) for ref in tokenized_refs])
+        counts: dict[str, int] = {}
+        for c in block_counts:
+            _add(counts, c)
+        assert counts["documents"] == n_docs, (counts, n_docs)
+        pii_counts = {k: counts.get(k, 0) for k in ("email", "phone", "ip_address", "credit_card")} if cfg.pii.enabled else {}
+        shards = sorted((r for r in shard_rows if r["num_sequences"] > 0), key=lambda r: r["name"])
+        lap("pack_write")
+
+        reject_counts = _write_rejects(out, rejects)
+        out.write_text("tokenizer.json", tokenizer.to_str())
+        summary = {
+            "output": out.uri,
+            "fingerprint": fingerprint,
+            "inputs": len(files),
+            "records_read": n_read,
+            "rejects": reject_counts,
+            "filtered": filtered,
+            "dedup": dedup_stats,
+            "pii": pii_counts,
+            "documents": n_docs,
+            "sequences": int(sum(r["num_sequences"] for r in shards)),
+            "tokens": int(sum(r["num_tokens"] for r in shards)),
+            "tail_tokens_dropped": int(sum(r["tail_tokens_dropped"] for r in shards)),
+            "shards": len(shards),
+            "seconds": round(time.time() - started, 2),
+            "stage_seconds": stages,
+        }
+        out.write_text("summary.json", json.dumps(summary, indent=2))
+        write_manifest(out, {
+            "fingerprint": fingerprint,
+            "recipe_hash": recipe.hash(),
+            "sources": files,
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "objective": recipe.train.objective,
+            "seq_len": recipe.data.seq_len,
+            "block_len": block_len,
+            "sep_id": sep,
+            "keep_doc_boundaries": cfg.keep_doc_boundaries,
+            "counts": {k: summary[k] for k in ("records_read", "rejects", "filtered", "dedup", "pii", "documents",
+                                               "sequences", "tokens")},
+            "shards": [{"name": str(r["name"]), "num_sequences": int(r["num_sequences"]), "num_tokens": int(r["num_tokens"]),
+                        "documents": int(r["documents"])} for r in shards],
+        })
+        return summary
+    finally:
+        ctx.op_resource_reservation_enabled = reservation
 
 
 def print_summary(summary: dict) -> None:

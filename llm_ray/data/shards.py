@@ -69,6 +69,24 @@ def pack_documents(token_lists: list[list[int]], spec: PackSpec) -> tuple[np.nda
     return blocks, docs, total - n * spec.block_len
 
 
+def pack_token_lists(tokens: pa.Array, spec: PackSpec) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """``pack_documents`` for an Arrow list<int> column, vectorised (no per-document Python)."""
+    tokens = tokens.combine_chunks() if isinstance(tokens, pa.ChunkedArray) else tokens
+    values = tokens.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    lengths = np.diff(tokens.offsets.to_numpy()) + 1  # each document plus its separator
+    ends = np.cumsum(lengths)  # one past each separator
+    total = int(ends[-1]) if len(ends) else 0
+    flat = np.full(total, spec.sep_id, dtype=np.int32)
+    is_token = np.ones(total, bool)
+    is_token[ends - 1] = False
+    flat[is_token] = values
+    doc = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths) if spec.keep_doc_boundaries else None
+    n = total // spec.block_len
+    blocks = flat[: n * spec.block_len].reshape(n, spec.block_len)
+    docs = doc[: n * spec.block_len].reshape(n, spec.block_len) if doc is not None else None
+    return blocks, docs, total - n * spec.block_len
+
+
 def shard_table(blocks: np.ndarray, docs: np.ndarray | None) -> pa.Table:
     """One row per sequence: ``input_ids`` (fixed-size list of int32), optional ``doc_index``."""
     width = blocks.shape[1]
@@ -89,10 +107,18 @@ def write_shard(out: Storage, name: str, table: pa.Table) -> int:
 
 def read_shard(out: Storage, name: str) -> np.ndarray:
     """(N, block_len) int32 sequences of one shard."""
+    return read_shard_columns(out, name, ["input_ids"])["input_ids"]
+
+
+def read_shard_columns(out: Storage, name: str, columns: list[str]) -> dict[str, np.ndarray]:
+    """(N, block_len) int32 arrays of one shard: ``input_ids`` and/or ``doc_index``."""
     with out.fs.open_input_file(posixpath.join(out.root, SHARDS, name)) as f:
-        column = pq.read_table(f, columns=["input_ids"]).column("input_ids").combine_chunks()
-    width = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        table = pq.read_table(f, columns=columns)
+    arrays = {}
+    for c in columns:
+        column = table.column(c).combine_chunks()
+        arrays[c] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+    return arrays
 
 
 def read_manifest(out: Storage) -> dict | None:

@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from llm_ray.data.packing import MaskingSpec, causal_lm_example, masked_lm_example
-from llm_ray.data.shards import read_manifest, read_shard
+from llm_ray.data.shards import read_manifest, read_shard_columns
 from llm_ray.storage import resolve_storage
 
 
@@ -62,11 +62,11 @@ class _MicroBatchReader:
         self.source, self.start = source, start
         self.dp_rank, self.dp_size, self.micro, self.accum = dp_rank, dp_size, micro, accum
         self.out = resolve_storage(source.uri, source.s3_endpoint)
-        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
-    def _shard(self, index: int) -> np.ndarray:
+    def _shard(self, index: int) -> dict[str, np.ndarray]:
         if index not in self.cache:
-            self.cache[index] = read_shard(self.out, self.source.shard_names[index])
+            self.cache[index] = read_shard_columns(self.out, self.source.shard_names[index], self.source.columns)
             while len(self.cache) > 4:  # a position range rarely spans more than two shards
                 self.cache.popitem(last=False)
         self.cache.move_to_end(index)
@@ -74,6 +74,8 @@ class _MicroBatchReader:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: dict[str, list] = {"input_ids": [], "labels": [], "sample_ids": []}
+        if self.source.doc_attention_mask:
+            rows["segment_ids"] = []
         global_batch = self.micro * self.dp_size * self.accum
         for k in batch["id"]:
             step, m = divmod(int(k), self.accum)
@@ -88,12 +90,18 @@ class ShardSource:
     """A ``TrainingSource`` over a prepared dataset (local or s3://)."""
 
     def __init__(self, uri: str, objective: str, seed: int, masking: Optional[MaskingSpec] = None,
-                 s3_endpoint: Optional[str] = None):
+                 s3_endpoint: Optional[str] = None, doc_attention_mask: bool = False):
         self.uri, self.s3_endpoint = uri, s3_endpoint
         manifest = read_manifest(resolve_storage(uri, s3_endpoint))
         if manifest is None:
             raise FileNotFoundError(f"data.shards: no manifest.json under {uri} (run `llm-ray data prepare` first)")
         self.manifest = manifest
+        if doc_attention_mask and not manifest.get("keep_doc_boundaries"):
+            raise ValueError(f"data.doc_attention_mask: the shards under {uri} hold no document boundaries "
+                             "(prepare them with prepare.keep_doc_boundaries: true)")
+        # Per-token document ids ride along as ``segment_ids`` (B, T) for block-diagonal attention.
+        self.doc_attention_mask = doc_attention_mask
+        self.columns = ["input_ids", "doc_index"] if doc_attention_mask else ["input_ids"]
         self.shard_names = [s["name"] for s in manifest["shards"]]
         self.order = ShardOrder([s["num_sequences"] for s in manifest["shards"]], seed)
         self.objective, self.seed, self.masking = objective, seed, masking
@@ -101,11 +109,15 @@ class ShardSource:
 
     def rows(self, positions: np.ndarray, load_shard) -> dict[str, np.ndarray]:
         shards, rows = self.order.locate(positions)
-        blocks = np.stack([load_shard(int(s))[int(r)] for s, r in zip(shards, rows)])
+        data = [load_shard(int(s)) for s in shards]
+        blocks = np.stack([d["input_ids"][int(r)] for d, r in zip(data, rows)])
         if self.objective == "causal_lm":
             out = causal_lm_example(blocks)
         else:
             out = masked_lm_example(blocks, positions, self.masking, self.seed)
+        if self.doc_attention_mask:
+            docs = np.stack([d["doc_index"][int(r)] for d, r in zip(data, rows)]).astype(np.int64)
+            out["segment_ids"] = docs[:, : out["input_ids"].shape[1]]  # (B, T): the inputs' documents
         out["sample_ids"] = self.order.first[shards] + rows
         return out
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from llm_ray.config import ModelConfig
-from llm_ray.models.attention import Attention
+from llm_ray.models.attention import Attention, segment_position_ids
 from llm_ray.models.ffn import make_ffn
 from llm_ray.models.kv_cache import KVCache, full_padding_mask
 from llm_ray.models.layers import (
@@ -75,21 +75,27 @@ class DecoderBlock(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x (B, T, d) -> (B, T, d). attention_mask: (B, cached + T) or (B, T), 1 = real token."""
+        """x (B, T, d) -> (B, T, d). attention_mask: (B, cached + T) or (B, T), 1 = real token.
+        segment_ids (B, T): document ids of packed sequences; attention stays inside a document
+        and positions restart at each (see ``Attention.forward``)."""
         T = x.shape[1]
         padding_mask = full_padding_mask(attention_mask, kv_cache, self.layer_idx, T)  # (B, S) | None
         rope = None
         if self.rotary is not None:
+            if position_ids is None and segment_ids is not None:
+                position_ids = segment_position_ids(segment_ids)  # (B, T)
             if position_ids is None:
                 past = kv_cache.seq_len(self.layer_idx) if kv_cache is not None else 0
                 position_ids = default_position_ids(padding_mask, past, T, x.device)
             rope = self.rotary(position_ids)  # cos, sin: (B|1, 1, T, hd)
 
+        seg = {} if segment_ids is None else {"segment_ids": segment_ids}
         if self.post_norm:
-            x = self.attn_norm(x + self.drop(self.attn(x, rope, padding_mask, kv_cache)))
+            x = self.attn_norm(x + self.drop(self.attn(x, rope, padding_mask, kv_cache, **seg)))
             return self.ffn_norm(x + self.drop(self.ffn(x)))
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, padding_mask, kv_cache))
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, padding_mask, kv_cache, **seg))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -133,17 +139,29 @@ class DecoderLM(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
+        logits_to_keep: int = 0,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). See DecoderBlock.forward for the mask."""
+        """input_ids (B, T) -> logits (B, T, V). See DecoderBlock.forward for the mask.
+
+        ``logits_to_keep`` > 0 projects only the last that many positions (B, k, V): generation
+        needs the last one, and projecting a whole prompt onto the vocab is a large share of a prefill.
+        ``segment_ids`` (B, T): document ids of packed training sequences (block-diagonal causal
+        attention, positions restarting per document); None keeps plain causal attention."""
         T = input_ids.shape[1]
+        if position_ids is None and segment_ids is not None:
+            position_ids = segment_position_ids(segment_ids)  # (B, T)
         if position_ids is None:
             # Computed once here (the blocks would compute the same ones) for the embedding.
             past = kv_cache.length if kv_cache is not None else 0
             padding_mask = full_padding_mask(attention_mask, kv_cache, 0, T)
             position_ids = default_position_ids(padding_mask, past, T, input_ids.device)
         x = self.embedding(input_ids, position_ids)  # (B, T, d)
+        seg = {} if segment_ids is None else {"segment_ids": segment_ids}
         for layer in self.layers:
-            x = layer(x, attention_mask, position_ids, kv_cache)
+            x = layer(x, attention_mask, position_ids, kv_cache, **seg)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]  # (B, k, d)
         return self.head(x)  # (B, T, V)
 
     def aux_loss(self) -> torch.Tensor:

@@ -26,10 +26,11 @@ class MLMHead(nn.Module):
         self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.proj = mark_vocab(nn.Linear(cfg.d_model, cfg.vocab_size, bias=True))
+        self.approximate = cfg.gelu_approximate  # BERT's head uses the model's activation
         init_weights(self, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(F.gelu(self.dense(x))))
+        return self.proj(self.norm(F.gelu(self.dense(x), approximate=self.approximate)))
 
 
 class EncoderMLM(nn.Module):

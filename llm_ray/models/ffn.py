@@ -24,21 +24,26 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """down(gelu(up(x))), the classic two-layer MLP."""
+    """down(gelu(up(x))), the classic two-layer MLP.
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool = True):
+    ``approximate="tanh"`` is GPT-2's GELU ("gelu_new"); BERT uses the exact erf form ("none").
+    """
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True, approximate: str = "none"):
         super().__init__()
+        self.approximate = approximate
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.down = mark_residual(nn.Linear(d_ff, d_model, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))  # (..., d_ff) -> (..., d)
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))  # (..., d_ff) -> (..., d)
 
 
 def dense_ffn(cfg: ModelConfig) -> nn.Module:
     """One dense FFN of the kind and width the config asks for (also an MoE expert)."""
-    cls = SwiGLU if cfg.ffn == "swiglu" else GeluMLP
-    return cls(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+    if cfg.ffn == "swiglu":
+        return SwiGLU(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+    return GeluMLP(cfg.d_model, cfg.ffn_dim, bias=cfg.bias, approximate=cfg.gelu_approximate)
 
 
 def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:

@@ -1,12 +1,14 @@
-"""Greedy decoding for ``DecoderLM``, with or without the KV cache."""
+"""Greedy decoding for ``DecoderLM``, with or without the KV cache.
+
+A thin wrapper over ``llm_ray.generation.sampling.decode`` (which also samples, applies
+repetition penalties and stop rules); kept for its tensor-in, tensor-out form.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-
-from llm_ray.models.kv_cache import KVCache
 
 
 def greedy_generate(
@@ -23,37 +25,21 @@ def greedy_generate(
     A row that produced ``eos_id`` keeps receiving ``eos_id``; generation stops early once
     every row has. The model runs in eval mode (no dropout) and its mode is restored after.
     """
-    B, T = input_ids.shape
-    cfg = model.cfg
-    if cfg.positions == "learned" and T + max_new_tokens - 1 > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len "
-            f"({cfg.max_seq_len}) of the learned position table"
-        )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            out = input_ids
-            mask = attention_mask.bool() if attention_mask is not None else None
-            cache = KVCache(len(model.layers)) if use_cache else None
-            finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-            step_input = input_ids  # with the cache only the new tokens are fed
-            for _ in range(max_new_tokens):
-                if use_cache:
-                    logits = model(step_input, attention_mask=mask, kv_cache=cache)
-                else:
-                    logits = model(out, attention_mask=mask)
-                next_tok = logits[:, -1].argmax(dim=-1)  # (B,)
-                if eos_id is not None:
-                    next_tok = torch.where(finished, torch.full_like(next_tok, eos_id), next_tok)
-                    finished |= next_tok == eos_id
-                out = torch.cat([out, next_tok.unsqueeze(1)], dim=1)  # (B, T + i + 1)
-                if mask is not None:
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                step_input = next_tok.unsqueeze(1)  # (B, 1)
-                if eos_id is not None and bool(finished.all()):
-                    break
-    finally:
-        model.train(was_training)
-    return out
+    # Imported here: llm_ray.generation imports llm_ray.models (no import cycle at load time).
+    from llm_ray.generation.config import SamplingParams
+    from llm_ray.generation.sampling import decode
+
+    out = decode(
+        model,
+        input_ids,
+        SamplingParams(max_new_tokens=max_new_tokens),
+        attention_mask=attention_mask,
+        eos_ids=[eos_id] if eos_id is not None else (),
+        use_cache=use_cache,
+    )
+    width = max(len(t) for t in out.tokens)
+    fill = eos_id if eos_id is not None else 0
+    new = torch.full((input_ids.shape[0], width), fill, dtype=input_ids.dtype, device=input_ids.device)
+    for i, toks in enumerate(out.tokens):
+        new[i, : len(toks)] = torch.tensor(toks, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new], dim=1)  # (B, T + new)

@@ -1,9 +1,12 @@
 """Key/value cache for incremental decoding.
 
 One slot per layer holds that layer's keys and values, (B, n_kv_heads, T, head_dim), and the
-padding mask (B, T) of the tokens cached so far (None while no token was padding). Each
-forward appends by concatenation: O(T^2) copying over a generation, which is negligible next
-to the attention itself at the lengths we generate, and keeps the cache obviously correct.
+padding mask (B, T) of the tokens cached so far (None while no token was padding).
+
+Without ``max_len`` each forward appends by concatenation (O(T^2) copying over a generation).
+With ``max_len`` a layer's first update allocates (B, Hkv, max_len, hd) buffers once and later
+ones write in place; ``keys[i]``/``values[i]`` are then views of the filled part, so readers
+see the same shapes either way. Generation knows its final length, so it preallocates.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import torch
 class KVCache:
     """Per-layer growing k/v tensors; a block finds its slot through its ``layer_idx``."""
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, max_len: Optional[int] = None):
         self.n_layers = n_layers
+        self.max_len = max_len
         self.keys: list[Optional[torch.Tensor]] = [None] * n_layers
         self.values: list[Optional[torch.Tensor]] = [None] * n_layers
         self.masks: list[Optional[torch.Tensor]] = [None] * n_layers
+        # Preallocated (B, Hkv, max_len, hd) storage per layer, when max_len is set.
+        self._k_buf: list[Optional[torch.Tensor]] = [None] * n_layers
+        self._v_buf: list[Optional[torch.Tensor]] = [None] * n_layers
 
     def seq_len(self, layer_idx: int) -> int:
         """Tokens cached in one layer."""
@@ -48,12 +55,45 @@ class KVCache:
         ``padding_mask`` is the full (B, cached + T_new) mask, or None when nothing is padding;
         it replaces the stored one (``full_padding_mask`` builds it from the stored one).
         """
+        self.masks[layer_idx] = padding_mask
+        if self.max_len is not None:
+            return self._write(layer_idx, k, v)
         if self.keys[layer_idx] is not None:
             k = torch.cat([self.keys[layer_idx], k], dim=2)  # (B, Hkv, S, hd)
             v = torch.cat([self.values[layer_idx], v], dim=2)
         self.keys[layer_idx], self.values[layer_idx] = k, v
-        self.masks[layer_idx] = padding_mask
         return k, v
+
+    def _write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new k, v into the preallocated buffers; return views of the filled part."""
+        past, new = self.seq_len(layer_idx), k.shape[2]
+        if past + new > self.max_len:
+            raise ValueError(f"KV cache full: {past} cached + {new} new tokens > max_len {self.max_len}")
+        if self._k_buf[layer_idx] is None:
+            B, H, _, hd = k.shape
+            self._k_buf[layer_idx] = k.new_empty(B, H, self.max_len, hd)
+            self._v_buf[layer_idx] = v.new_empty(B, H, self.max_len, hd)
+        kb, vb = self._k_buf[layer_idx], self._v_buf[layer_idx]
+        kb[:, :, past : past + new] = k
+        vb[:, :, past : past + new] = v
+        self.keys[layer_idx], self.values[layer_idx] = kb[:, :, : past + new], vb[:, :, : past + new]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (B_new,) in every layer, in that order (beam search)."""
+        for i in range(self.n_layers):
+            if self.keys[i] is None:
+                continue
+            if self._k_buf[i] is not None:
+                S = self.keys[i].shape[2]
+                self._k_buf[i] = self._k_buf[i].index_select(0, index)
+                self._v_buf[i] = self._v_buf[i].index_select(0, index)
+                self.keys[i], self.values[i] = self._k_buf[i][:, :, :S], self._v_buf[i][:, :, :S]
+            else:
+                self.keys[i] = self.keys[i].index_select(0, index)
+                self.values[i] = self.values[i].index_select(0, index)
+            if self.masks[i] is not None:
+                self.masks[i] = self.masks[i].index_select(0, index)
 
 
 def full_padding_mask(

@@ -26,6 +26,14 @@ MANIFEST = "llm_ray_checkpoint.json"
 COMPLETE = "COMPLETE"
 
 
+def normalized_model(model: dict) -> dict:
+    """A manifest's model dict with today's defaults filled in: a field added to ModelConfig
+    after a checkpoint was written must not make that checkpoint look like another model."""
+    from llm_ray.config import ModelConfig, from_dict
+
+    return asdict(from_dict(ModelConfig, model))
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -78,10 +86,13 @@ def restore_checkpoint(engine, checkpoint, rank: int, expect: dict) -> TrainStat
         with open(os.path.join(d, MANIFEST)) as f:
             manifest = json.load(f)
         for key, want in expect.items():
-            if manifest.get(key) != want:
+            have = manifest.get(key)
+            if key == "model" and have is not None:
+                have, want = normalized_model(have), normalized_model(want)
+            if have != want:
                 raise RuntimeError(
                     f"checkpoint {checkpoint.path} was written with a different {key} "
-                    f"({manifest.get(key)!r} != {want!r}); use a new run.name or set checkpoint.resume=false"
+                    f"({have!r} != {want!r}); use a new run.name or set checkpoint.resume=false"
                 )
         load_path, client_state = engine.load_checkpoint(d, tag=manifest["tag"])
         if load_path is None:

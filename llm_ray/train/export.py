@@ -76,14 +76,14 @@ def checkpoint_state_dict(local_dir: str, manifest: dict, cfg: ModelConfig) -> d
         states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
         state = states["module"]
     state = {k: v.float() for k, v in state.items()}
-    if cfg.tie_embeddings and cfg.arch == "decoder":
+    if cfg.tie_embeddings and cfg.arch == "decoder" and "embedding.tok.weight" in state:  # absent: sft-wrapped model
         state.setdefault("head.proj.weight", state["embedding.tok.weight"])
     return state
 
 
-def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> dict:
-    from llm_ray.models import build_model, count_params
-
+def load_checkpoint_state(uri: str, s3_endpoint: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict, Storage, Storage]:
+    """(fp32 state dict, manifest, run folder, checkpoint folder) of a run's latest COMPLETE
+    checkpoint (or of the checkpoint folder ``uri`` names)."""
     run, ckpt = _locate(uri, s3_endpoint)
     with tempfile.TemporaryDirectory(prefix="llm-ray-export-") as tmp:
         if ckpt.is_local:
@@ -95,6 +95,14 @@ def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> d
             manifest = json.load(f)
         cfg = from_dict(ModelConfig, manifest["model"])
         state = checkpoint_state_dict(local, manifest, cfg)
+    return state, manifest, run, ckpt
+
+
+def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> dict:
+    from llm_ray.models import build_model, count_params
+
+    state, manifest, run, ckpt = load_checkpoint_state(uri, s3_endpoint)
+    cfg = from_dict(ModelConfig, manifest["model"])
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)
     provenance = {

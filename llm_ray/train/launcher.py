@@ -44,7 +44,7 @@ def _has_checkpoints(run: Storage) -> bool:
 
 def _check_resumable(run: Storage, model: dict, tok_hash: str) -> None:
     """Refuse, before any worker starts, to resume a run written with another model or tokenizer."""
-    from llm_ray.train.checkpointing import MANIFEST, latest_complete_checkpoint
+    from llm_ray.train.checkpointing import MANIFEST, latest_complete_checkpoint, normalized_model
 
     ckpt = latest_complete_checkpoint(run)
     if ckpt is None:
@@ -52,10 +52,11 @@ def _check_resumable(run: Storage, model: dict, tok_hash: str) -> None:
     manifest = json.loads(ckpt.read_text(MANIFEST))
     if manifest["tokenizer_hash"] != tok_hash:
         raise ValueError(f"data.tokenizer: run {run.uri} was trained with another tokenizer; use a new run.name")
+    saved = normalized_model(manifest["model"])
     for key, value in model.items():
-        if manifest["model"].get(key) != value:
+        if saved.get(key) != value:
             raise ValueError(
-                f"model.{key}: run {run.uri} has checkpoints with {key}={manifest['model'].get(key)!r}, "
+                f"model.{key}: run {run.uri} has checkpoints with {key}={saved.get(key)!r}, "
                 f"the recipe says {value!r}; use a new run.name to start over"
             )
 
@@ -107,20 +108,14 @@ def prepare_source(recipe: Recipe, run: Storage):
     if dataset is not None:
         from llm_ray.data.streaming import ShardSource
 
-        return tokenizer, ShardSource(data.shards, recipe.train.objective, recipe.train.seed, masking, recipe.run.s3_endpoint)
+        return tokenizer, ShardSource(data.shards, recipe.train.objective, recipe.train.seed, masking, recipe.run.s3_endpoint,
+                                      doc_attention_mask=data.doc_attention_mask)
     sep = special.eos_id if special.eos_id is not None else special.sep_id
     blocks = text_blocks(data.paths, tokenizer, data.seq_len, recipe.train.objective, sep)
     return tokenizer, TokenBlockSource(blocks, recipe.train.objective, recipe.train.seed, masking)
 
 
 def pretrain(recipe: Recipe) -> PretrainResult:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from llm_ray.data.tokenizer import tokenizer_hash
-    from llm_ray.train.loop import train_worker
-
     storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint)
     run = storage.child(recipe.run.name)
     if not recipe.checkpoint.resume and _has_checkpoints(run):
@@ -136,6 +131,24 @@ def pretrain(recipe: Recipe) -> PretrainResult:
         raise ValueError(
             f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()}"
         )
+    summary = fit(recipe, storage, run, model_cfg, tokenizer, source, use_gpu)
+    return PretrainResult(run.uri, summary)
+
+
+def fit(recipe: Recipe, storage: Storage, run: Storage, model_cfg, tokenizer, source, use_gpu: bool,
+        loop_extra: dict | None = None) -> dict:
+    """Train ``source`` on the engine (TorchTrainer + DeepSpeed) and write the run's summary.json.
+
+    Shared by ``pretrain`` and ``llm-ray sft``; ``loop_extra`` adds entries to the workers'
+    config (sft: ``prepare_model``, see ``parallelize.build_engine``).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llm_ray.data.tokenizer import tokenizer_hash
+    from llm_ray.train.loop import train_worker
+
     _check_resumable(run, dataclasses.asdict(model_cfg), tokenizer_hash(tokenizer))
     run.write_text("recipe.yaml", recipe.to_yaml())
     run.write_text("tokenizer.json", tokenizer.to_str())
@@ -149,6 +162,7 @@ def pretrain(recipe: Recipe) -> PretrainResult:
             "recipe_hash": recipe.hash(),
             "tokenizer_hash": tokenizer_hash(tokenizer),
             "source": ray.put(source),
+            **(loop_extra or {}),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=p.num_workers,
@@ -186,4 +200,4 @@ def pretrain(recipe: Recipe) -> PretrainResult:
         "use_gpu": use_gpu,
     }
     run.write_text("summary.json", json.dumps(summary, indent=2))
-    return PretrainResult(run.uri, summary)
+    return summary

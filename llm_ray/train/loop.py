@@ -38,6 +38,8 @@ class _Step:
         t0 = time.perf_counter()
         raw = [next(self.batches) for _ in range(self.accum)]
         wait = time.perf_counter() - t0
+        # (B, T) document ids when data.doc_attention_mask is on (block-diagonal attention)
+        self.segments = [torch.from_numpy(b["segment_ids"]).to(self.device) if "segment_ids" in b else None for b in raw]
         return [_to_device(b, self.device) for b in raw], [b["sample_ids"] for b in raw], wait
 
     def __call__(self) -> tuple[float, list[np.ndarray], float]:
@@ -50,8 +52,9 @@ class _Step:
             # micro batches and data-parallel ranks on the last stage, then broadcasts it.
             return float(self.engine.train_batch(data_iter=iter(batches))), ids, wait
         total = torch.zeros((), device=self.device)
-        for inputs, labels in batches:
-            loss = lm_loss(self.engine(inputs), labels)
+        for (inputs, labels), segments in zip(batches, self.segments):
+            logits = self.engine(inputs) if segments is None else self.engine(inputs, segment_ids=segments)
+            loss = lm_loss(logits, labels)
             # DeepSpeed divides by the accumulation steps itself (scale_wrt_gas).
             self.engine.backward(loss + self.engine.module.aux_loss())
             self.engine.step()
@@ -114,7 +117,8 @@ def train_worker(config: dict) -> None:
 
     source: TrainingSource = ray.get(config["source"])
     run = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint).child(recipe.run.name)
-    engine = build_engine(recipe, model_cfg, dev.is_gpu, precision)
+    # prepare_model (llm-ray sft): load init weights, freeze, add LoRA / a head, before DeepSpeed
+    engine = build_engine(recipe, model_cfg, dev.is_gpu, precision, prepare_model=config.get("prepare_model"))
     if recipe.parallel.pipeline_stages > 1:
         dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
     else:

@@ -101,8 +101,19 @@ def pipeline_layers(cfg: ModelConfig) -> list:
     return layers
 
 
-def build_engine(recipe: Recipe, model_cfg: ModelConfig, on_gpu: bool, precision: str | None = None):
-    """Build the model for this rank and wrap it in a DeepSpeed engine (pipeline or not)."""
+def build_engine(
+    recipe: Recipe,
+    model_cfg: ModelConfig,
+    on_gpu: bool,
+    precision: str | None = None,
+    prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+):
+    """Build the model for this rank and wrap it in a DeepSpeed engine (pipeline or not).
+
+    ``prepare_model`` (fine-tuning, no pipeline) transforms the built model before DeepSpeed
+    sees it: loaded weights, frozen parameters (left out of the optimizer by ``param_groups``),
+    LoRA adapters or a classification head.
+    """
     import deepspeed
 
     ds_config = deepspeed_config(recipe, on_gpu, precision)
@@ -121,6 +132,8 @@ def build_engine(recipe: Recipe, model_cfg: ModelConfig, on_gpu: bool, precision
         module = build_model(model_cfg)
         if recipe.train.activation_checkpointing:
             apply_activation_checkpointing(module)
+        if prepare_model is not None:
+            module = prepare_model(module)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, recipe.optim.weight_decay), config=ds_config
     )

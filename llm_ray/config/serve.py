@@ -1,0 +1,131 @@
+"""Serve recipe (``llm-ray serve RECIPE``): the OpenAI-compatible endpoint on Ray Serve.
+
+A serve recipe is a YAML file with one ``serve:`` section (``jobs/recipes/serve-smollm2.yaml``);
+``--set serve.max_batch_size=16`` overrides a key. The same mapping is the ``args`` of the
+application in a Serve config file (``jobs/serve_config.yaml``), so ``serve deploy`` and KubeRay
+``serveConfigV2`` build exactly what ``llm-ray serve`` builds. No torch or ray import here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from llm_ray.config.loader import apply_overrides, check as _check, from_dict, load_yaml, RecipeError
+
+
+@dataclass
+class ServeAutoscalingConfig:
+    """Ray Serve ``autoscaling_config``: replicas follow ongoing requests per replica."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0  # a replica batches this many sequences comfortably
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+
+    def __post_init__(self):
+        _check(self.min_replicas >= 0, "min_replicas", "must be >= 0")
+        _check(self.max_replicas >= 1, "max_replicas", "must be >= 1")
+        _check(self.max_replicas >= self.min_replicas, "max_replicas", f"must be >= min_replicas ({self.min_replicas})")
+        _check(self.target_ongoing_requests > 0, "target_ongoing_requests", "must be > 0")
+        _check(self.upscale_delay_s >= 0, "upscale_delay_s", "must be >= 0")
+        _check(self.downscale_delay_s >= 0, "downscale_delay_s", "must be >= 0")
+
+    def to_serve(self) -> dict:
+        """The dict Ray Serve's ``AutoscalingConfig`` takes."""
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+
+
+@dataclass
+class ServeConfig:
+    """One served model. ``num_replicas`` set = a fixed count; unset = ``autoscaling``."""
+
+    model: str = "smollm2"  # model folder (llm-ray export / import) or a packaged short name
+    model_name: str = ""  # id in /v1/models and the requests' "model"; "" = folder name / short name
+    app_name: str = "llm"  # Serve application name
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"  # HTTP proxy address (0.0.0.0 in a container)
+    port: int = 8000
+    num_replicas: Optional[int] = None
+    autoscaling: ServeAutoscalingConfig = field(default_factory=ServeAutoscalingConfig)
+    max_ongoing_requests: int = 64  # requests Serve sends to one replica before queueing at the proxy
+    max_queued_requests: int = 64  # requests queued at each proxy; beyond: 503 (-1 = no limit)
+    retry_after_s: float = 1.0  # Retry-After header of every 503
+    max_batch_size: int = 32  # sequences decoded together in one forward pass
+    max_queue: int = 64  # requests waiting in a replica for a batch slot; beyond: 503
+    prefill_tokens_per_step: int = 2048  # prompt tokens prefilled between two decode steps
+    request_timeout_s: float = 120.0  # per request, queueing included; beyond: 408
+    default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
+    api_keys: list[str] = field(default_factory=list)  # Bearer keys; empty (and no env) = open
+    api_keys_env: str = ""  # name of an env var with comma-separated keys (keeps keys out of YAML)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where matmuls are fast in it
+    use_gpu: Optional[bool] = None  # None: a GPU per replica when the cluster has GPUs
+    cpus_per_replica: float = 1.0
+    torch_threads: int = 0  # 0 = torch's default (all cores the replica sees)
+
+    def __post_init__(self):
+        _check(bool(self.model), "model", "must name a model folder or a packaged model (e.g. smollm2)")
+        _check(bool(self.app_name), "app_name", "must not be empty")
+        _check(self.route_prefix.startswith("/"), "route_prefix", f"must start with '/', got {self.route_prefix!r}")
+        _check(1 <= self.port <= 65535, "port", f"must be in 1..65535, got {self.port}")
+        _check(self.num_replicas is None or self.num_replicas >= 1, "num_replicas", "must be >= 1 or null (autoscaling)")
+        _check(self.max_ongoing_requests >= 1, "max_ongoing_requests", "must be >= 1")
+        _check(self.max_queued_requests == -1 or self.max_queued_requests >= 1, "max_queued_requests", "must be >= 1 or -1 (no limit)")
+        _check(self.retry_after_s >= 0, "retry_after_s", "must be >= 0")
+        _check(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        _check(self.max_queue >= 0, "max_queue", "must be >= 0")
+        _check(self.prefill_tokens_per_step >= 1, "prefill_tokens_per_step", "must be >= 1")
+        _check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
+        _check(self.default_max_tokens >= 1, "default_max_tokens", "must be >= 1")
+        _check(all(isinstance(k, str) and k for k in self.api_keys), "api_keys", "must be non-empty strings")
+        _check(self.cpus_per_replica >= 0, "cpus_per_replica", "must be >= 0")
+        _check(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")
+
+    @property
+    def served_name(self) -> str:
+        """The model id clients send: ``model_name``, else the short name or folder name."""
+        if self.model_name:
+            return self.model_name
+        return Path(self.model.rstrip("/")).name or self.model
+
+    def resolved_api_keys(self) -> list[str]:
+        """``api_keys`` plus those in the env var ``api_keys_env`` (read where the replica runs)."""
+        keys = list(self.api_keys)
+        if self.api_keys_env:
+            keys += [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
+        return keys
+
+    def deployment_options(self) -> dict:
+        """Ray Serve deployment options: replicas or autoscaling, limits, backpressure, resources."""
+        opts: dict = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
+        }
+        if self.num_replicas is not None:
+            opts["num_replicas"] = self.num_replicas
+        else:
+            opts["autoscaling_config"] = self.autoscaling.to_serve()
+        return opts
+
+
+def load_serve_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> ServeConfig:
+    """A serve recipe (YAML with a ``serve:`` section) plus ``--set serve.key=value`` overrides."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides or []))
+    unknown = sorted(set(data) - {"serve"})
+    if unknown:
+        raise RecipeError(unknown[0], "unknown section in a serve recipe (known: serve)")
+    section = data.get("serve") or {}
+    if not isinstance(section, dict):
+        raise RecipeError("serve", "must be a mapping")
+    return from_dict(ServeConfig, section, "serve")

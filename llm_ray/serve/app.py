@@ -1,0 +1,304 @@
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress around the batching engine.
+
+Routes (under the application's route prefix): ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``"stream": true`` = server-sent events ending in
+``data: [DONE]``), ``GET /v1/models``, ``GET /health``.
+
+Limits, outermost first: Serve's ``max_queued_requests`` at the proxy (503 + Retry-After from
+Serve's ``backpressure_config``), ``max_ongoing_requests`` per replica, then the engine's own
+waiting queue (``max_queue``: 503 + Retry-After with an OpenAI error body), and a per-request
+deadline (``request_timeout_s``: 408). Replicas scale with ``autoscaling_config``.
+
+``build_app(args)`` is the application builder named by ``import_path`` in
+``jobs/serve_config.yaml``: ``args`` are the ``serve:`` section of a serve recipe (or
+``{"recipe": path, "overrides": [...]}``).
+"""
+
+
+# No ``from __future__ import annotations``: FastAPI must see the real ``Request`` class in the
+# route signatures (string annotations are read as query parameters after serve.ingress).
+import dataclasses
+import logging
+import time
+from typing import AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from llm_ray.config.loader import apply_overrides, from_dict, load_yaml
+from llm_ray.config.serve import ServeConfig
+from llm_ray.generation.chat import render_bundle_chat
+from llm_ray.serve.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    bad_request,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    models_list,
+    new_id,
+    parse_request,
+    sse,
+    usage_chunk,
+)
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="llm-ray", description="OpenAI-compatible endpoint (continuous batching on our DecoderLM)")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error")
+    return JSONResponse(APIError(500, f"internal error: {exc!r}", "server_error").body(), status_code=500)
+
+
+@serve.deployment(name="LLMServer", health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress(api)
+class LLMServer:
+    """One replica: the model, its tokenizer and a ``ContinuousBatchingEngine``."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        from llm_ray.models.bundle import load_bundle
+        from llm_ray.serve.engine import ContinuousBatchingEngine, pick_dtype
+        from llm_ray.serve.metrics import EngineMetrics
+
+        self.cfg = from_dict(ServeConfig, config, "serve")
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = pick_dtype(self.cfg.dtype, device)
+        bundle = load_bundle(self.cfg.model, device=device, dtype=self.dtype)
+        self.bundle = bundle
+        self.tokenizer = bundle.tokenizer
+        self.model_name = self.cfg.served_name
+        self.max_seq_len = bundle.cfg.max_seq_len
+        self.api_keys = set(self.cfg.resolved_api_keys())
+        self.created = int(time.time())
+        self.metrics = EngineMetrics(self.model_name)
+        self.engine = ContinuousBatchingEngine(
+            bundle.model,
+            eos_ids=bundle.eos_ids,
+            max_seq_len=self.max_seq_len,
+            max_batch_size=self.cfg.max_batch_size,
+            max_queue=self.cfg.max_queue,
+            prefill_tokens_per_step=self.cfg.prefill_tokens_per_step,
+            metrics=self.metrics,
+        )
+        logger.info("serving %s (%s, %s) on %s", self.model_name, bundle.path, self.dtype, device)
+
+    # -- Serve hooks ------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        if self.engine.error is not None:
+            raise RuntimeError(f"engine loop stopped: {self.engine.error!r}")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
+            raise APIError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                "authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def _check_model(self, req) -> None:
+        if req.model is not None and req.model != self.model_name:
+            raise bad_request(f"model '{req.model}' does not exist; this endpoint serves '{self.model_name}'", param="model", code="model_not_found")
+
+    def _encode(self, text: str, chat: bool) -> list[int]:
+        # As llm_ray.generation.generate: a rendered chat already holds its special tokens.
+        return self.tokenizer.encode(text, add_special_tokens=not chat).ids
+
+    def _plan(self, req, prompt_ids: list[int], requested: Optional[int]):
+        """Validate the prompt against the context; SamplingParams for the engine."""
+        n = len(prompt_ids)
+        if n >= self.max_seq_len:
+            raise bad_request(
+                f"this model's maximum context length is {self.max_seq_len} tokens, but the prompt has {n} tokens",
+                param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        if requested is not None and n + requested > self.max_seq_len:
+            raise bad_request(
+                f"this model's maximum context length is {self.max_seq_len} tokens; the prompt has {n} tokens "
+                f"and max_tokens asks for {requested} more",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        max_new = requested if requested is not None else min(self.cfg.default_max_tokens, self.max_seq_len - n)
+        try:
+            return req.sampling_params(max_new)
+        except ValueError as e:  # SamplingParams names the field first: "top_p: ..."
+            raise bad_request(str(e), param=str(e).split(":", 1)[0]) from None
+
+    def _submit(self, prompt_ids: list[int], params, ignore_eos: bool = False):
+        from llm_ray.serve.engine import PromptTooLongError, QueueFullError
+
+        try:
+            return self.engine.submit(prompt_ids, params, ignore_eos=ignore_eos)
+        except QueueFullError as e:
+            self.metrics.on_rejected()
+            raise APIError(
+                503,
+                f"server overloaded ({e}); retry later",
+                "server_overloaded",
+                code="queue_full",
+                headers={"Retry-After": str(max(1, round(self.cfg.retry_after_s)))},
+            ) from None
+        except PromptTooLongError as e:
+            raise bad_request(str(e), param="max_tokens", code="context_length_exceeded") from None
+
+    async def _generate(self, seq, stream_text) -> AsyncIterator[str]:
+        """Text deltas of ``seq`` until it ends or its deadline passes (then aborts it)."""
+        from llm_ray.serve.engine import RequestTimeoutError
+
+        try:
+            async for tok in self.engine.tokens(seq, deadline=seq.arrival + self.cfg.request_timeout_s):
+                delta = stream_text.push(tok)
+                if delta:
+                    yield delta
+                if stream_text.stopped:  # a stop string: the engine may stop this sequence
+                    seq.finish_reason = "stop"
+                    break
+            if seq.finish_reason == "error":
+                raise APIError(500, "generation failed in the engine", "server_error")
+            tail = stream_text.finish()
+            if tail:
+                yield tail
+        except RequestTimeoutError:
+            raise APIError(408, f"request timed out after {self.cfg.request_timeout_s}s", "timeout", code="timeout") from None
+        finally:
+            self.engine.abort(seq)  # frees a running row (timeout, stop string); no-op once finished
+
+    async def _respond(self, req, prompt_ids: list[int], requested: Optional[int], chat: bool):
+        from llm_ray.serve.text_stream import TextStream
+
+        params = self._plan(req, prompt_ids, requested)
+        seq = self._submit(prompt_ids, params, req.ignore_eos)
+        stream_text = TextStream(self.tokenizer, params.stop)
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        name = self.model_name
+        if not req.stream:
+            async for _ in self._generate(seq, stream_text):
+                pass
+            make = chat_response if chat else completion_response
+            finish = "stop" if stream_text.stopped else (seq.finish_reason or "stop")
+            return JSONResponse(make(rid, name, stream_text.final_text(), finish, len(prompt_ids), len(seq.output_ids)))
+
+        async def events():
+            try:
+                if chat:
+                    yield sse(chat_chunk(rid, name, {"role": "assistant", "content": ""}, None))
+                async for delta in self._generate(seq, stream_text):
+                    yield sse(chat_chunk(rid, name, {"content": delta}, None) if chat else completion_chunk(rid, name, delta, None))
+                finish = "stop" if stream_text.stopped else (seq.finish_reason or "stop")
+                yield sse(chat_chunk(rid, name, {}, finish) if chat else completion_chunk(rid, name, "", finish))
+                if req.include_usage:
+                    obj = "chat.completion.chunk" if chat else "text_completion"
+                    yield sse(usage_chunk(rid, name, obj, len(prompt_ids), len(seq.output_ids)))
+            except APIError as e:  # headers are gone: the error travels as an event
+                yield sse(e.body())
+            finally:
+                self.engine.abort(seq)  # client disconnected or done: free the batch slot
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # -- routes -----------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        ok = self.engine.error is None
+        body = {"status": "ok" if ok else "error", "model": self.model_name, "running": len(self.engine.active), "waiting": self.engine.queue_depth}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(models_list(self.model_name, self.created))
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        req = parse_request(await request.body(), CompletionRequest)
+        self._check_model(req)
+        prompt_ids = list(req.prompt) if isinstance(req.prompt, list) else self._encode(req.prompt, chat=False)
+        if isinstance(req.prompt, list) and any(not (0 <= t < self.bundle.cfg.vocab_size) for t in prompt_ids):
+            raise bad_request(f"prompt: token ids must be in [0, {self.bundle.cfg.vocab_size})", param="prompt")
+        return await self._respond(req, prompt_ids, req.max_tokens, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._authorize(request)
+        req = parse_request(await request.body(), ChatCompletionRequest)
+        self._check_model(req)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = render_bundle_chat(self.bundle, messages)  # the model's template, else ChatML
+        except Exception as e:  # a template that rejects these messages (e.g. role order)
+            raise bad_request(f"messages: the chat template rejected them: {e}", param="messages") from None
+        return await self._respond(req, self._encode(text, chat=True), req.requested_max_tokens(), chat=True)
+
+
+def _cluster_has_gpu() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def deployment_for(cfg: ServeConfig):
+    """``LLMServer`` with the replicas, autoscaling, limits and resources of ``cfg``, bound."""
+    use_gpu = _cluster_has_gpu() if cfg.use_gpu is None else cfg.use_gpu
+    actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": 1 if use_gpu else 0}
+    if cfg.torch_threads:
+        actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(cfg.torch_threads)}}
+    return LLMServer.options(**cfg.deployment_options(), ray_actor_options=actor).bind(dataclasses.asdict(cfg))
+
+
+def build_app(args: dict):
+    """Serve application builder (``import_path: llm_ray.serve.app:build_app``).
+
+    ``args``: the fields of ``ServeConfig`` (the ``serve:`` section of a serve recipe), or
+    ``{"recipe": "jobs/recipes/serve-smollm2.yaml", "overrides": ["serve.max_batch_size=16"]}``.
+    """
+    args = dict(args or {})
+    recipe, overrides = args.pop("recipe", None), list(args.pop("overrides", []))
+    section = dict((load_yaml(recipe).get("serve") or {}) if recipe else {})
+    section.update(args)
+    data = apply_overrides({"serve": section}, overrides)
+    return deployment_for(from_dict(ServeConfig, data["serve"], "serve"))
+
+
+def run(cfg: ServeConfig, blocking: bool = False):
+    """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the application."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    handle = serve.run(deployment_for(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    return handle
+
+
+def url(cfg: ServeConfig) -> str:
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+__all__ = ["LLMServer", "build_app", "deployment_for", "run", "url"]

@@ -1,0 +1,420 @@
+"""Serving: real Ray Serve, real HTTP, a tiny random decoder (seconds to load).
+
+One Serve instance for the module with two applications: ``/main`` (API keys on, batch 32)
+and ``/small`` (one batch slot, one queue place: overload on purpose).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key-1"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PROMPTS = [
+    f"{w} {i}" for i, w in enumerate(
+        "import the data model train serve loss step token batch cache ray worker shard "
+        "checkpoint resume text with from for and of to in a is that it on by be as at".split()
+    )
+]
+
+
+def _tiny_model(tokenizer_path: str):
+    """A random 2-layer GQA decoder with weights scaled up so greedy outputs vary token to token
+    (at init scale every row repeats one token and a mix-up between rows would go unseen)."""
+    import torch
+
+    from llm_ray.config import ModelConfig
+    from llm_ray.data.tokenizer import load_tokenizer
+    from llm_ray.models import build_model
+
+    tok = load_tokenizer(tokenizer_path)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model, cfg, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer_paths, tmp_path_factory) -> str:
+    from llm_ray.models.bundle import save_bundle
+
+    model, cfg, tok = _tiny_model(tokenizer_paths["bpe"])
+    tok_config = {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+    return save_bundle(model, cfg, tok.to_str(), str(tmp_path_factory.mktemp("serve") / "tiny"), tokenizer_config=tok_config)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_dir):
+    from llm_ray.models.bundle import load_bundle
+
+    return load_bundle(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_dir):
+    """Base URLs of the two applications on one Serve HTTP proxy."""
+    from ray import serve
+
+    from llm_ray.config.serve import ServeConfig
+    from llm_ray.serve.app import deployment_for
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = dict(model=tiny_dir, model_name="tiny", dtype="fp32", cpus_per_replica=0, num_replicas=1)
+    main = ServeConfig(**common, api_keys=[KEY], max_batch_size=32, max_queue=64)
+    small = ServeConfig(**common, app_name="small", max_batch_size=1, max_queue=1, max_ongoing_requests=32, retry_after_s=2)
+    serve.run(deployment_for(main), name="main", route_prefix="/main")
+    serve.run(deployment_for(small), name="small", route_prefix="/small")
+    base = f"http://127.0.0.1:{port}"
+    yield {"main": f"{base}/main", "small": f"{base}/small"}
+    serve.shutdown()
+
+
+def call(url: str, body=None, key: str | None = KEY, method: str | None = None):
+    """(status, headers, body text) of one real HTTP request."""
+    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def sse_events(text: str) -> list:
+    """The data of each server-sent event; the last must be [DONE]."""
+    events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", text[-300:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def reference(bundle, prompt, max_new: int):
+    """The generation API's greedy answer (a prompt string or a chat): its GenerationResult."""
+    from llm_ray.generation.api import generate
+    from llm_ray.generation.config import GenerationConfig
+
+    return generate(bundle, prompt, GenerationConfig(max_new_tokens=max_new))[0]
+
+
+def encode(bundle, text: str) -> list[int]:
+    return bundle.tokenizer.encode(text).ids
+
+
+# -- config and schema (no Ray) ------------------------------------------------------------------
+def test_serve_config_file_validates_against_ray_serve_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from llm_ray.config.loader import from_dict
+    from llm_ray.config.serve import ServeConfig, load_serve_config
+
+    raw = yaml.safe_load((REPO / "jobs" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    app = schema.applications[0]
+    assert app.import_path == "llm_ray.serve.app:build_app"
+    cfg = from_dict(ServeConfig, app.args, "serve")  # the builder's args are a valid serve section
+    assert cfg.model == "smollm2" and cfg.num_replicas is None and cfg.autoscaling.max_replicas == 4
+    # The RayService manifest carries the same application.
+    service = yaml.safe_load((REPO / "k8s" / "rayservice-smollm2.yaml").read_text())
+    assert ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"])).applications[0].args == app.args
+    # Options Serve gets from the recipe pass Serve's own deployment schema.
+    from ray.serve.schema import DeploymentSchema
+
+    recipe = load_serve_config(str(REPO / "jobs" / "recipes" / "serve-smollm2.yaml"))
+    DeploymentSchema.model_validate({"name": "LLMServer", **recipe.deployment_options()})
+    assert recipe.deployment_options()["autoscaling_config"]["target_ongoing_requests"] == 16
+    # What `serve deploy` calls: the builder accepts the args, or a recipe path plus overrides.
+    from ray.serve import Application
+
+    from llm_ray.serve.app import build_app
+
+    assert isinstance(build_app(app.args), Application)
+    assert isinstance(build_app({"recipe": str(REPO / "jobs" / "recipes" / "serve-smollm2.yaml"), "max_batch_size": 8}), Application)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("serve.max_batch_size=0", "serve.max_batch_size"),
+        ("serve.autoscaling.max_replicas=0", "serve.autoscaling.max_replicas"),
+        ("serve.route_prefix=v1", "serve.route_prefix"),
+        ("serve.dtype=fp8", "serve.dtype"),
+        ("serve.max_batchsize=4", "serve.max_batchsize"),
+    ],
+)
+def test_bad_serve_recipe_names_the_key(override, key):
+    from llm_ray.config import RecipeError
+    from llm_ray.config.serve import load_serve_config
+
+    with pytest.raises(RecipeError) as e:
+        load_serve_config(str(REPO / "jobs" / "recipes" / "serve-smollm2.yaml"), [override])
+    assert e.value.key == key
+
+
+# -- the engine's cache (no Ray) -----------------------------------------------------------------
+def test_batch_cache_rows_joining_and_leaving_decode_like_alone(bundle):
+    """Sequences join a running batch at different steps and leave at different lengths; each
+    row's greedy tokens equal its single-sequence decode."""
+    import torch
+
+    from llm_ray.serve.batch_cache import BatchKVCache
+
+    model = bundle.model
+    prompts = [encode(bundle, p) for p in ("import the", "a b c d e f g h", "x", "the model the data the loss")]
+    lengths = [12, 5, 9, 7]
+    refs = [reference_ids(model, p, n) for p, n in zip(prompts, lengths)]
+    joins = {0: [0, 1], 2: [2], 4: [3]}
+    cache, active, outs = BatchKVCache(len(model.layers)), [], {}
+    with torch.inference_mode():
+        for step in range(40):
+            for i in joins.get(step, []):
+                fresh = BatchKVCache(len(model.layers))
+                outs[i] = [int(model(torch.tensor([prompts[i]]), kv_cache=fresh)[0, -1].argmax())]
+                cache.merge(fresh)
+                active.append(i)
+            if not active:
+                break
+            logits = model(torch.tensor([[outs[i][-1]] for i in active]), kv_cache=cache)[:, -1]
+            for row, i in enumerate(active):
+                outs[i].append(int(logits[row].argmax()))
+            keep = [r for r, i in enumerate(active) if len(outs[i]) < lengths[i]]
+            cache.keep(keep)
+            active = [active[r] for r in keep]
+            assert cache.batch_size == len(active)
+    assert [outs[i][: lengths[i]] for i in range(4)] == refs
+
+
+def test_engine_deadline_aborts_the_sequence_and_frees_its_row(bundle):
+    """A request past its deadline raises RequestTimeoutError and leaves the batch; the engine
+    keeps serving the next request correctly."""
+    import asyncio
+
+    from llm_ray.generation.config import SamplingParams
+    from llm_ray.serve.engine import ContinuousBatchingEngine, QueueFullError, RequestTimeoutError
+
+    async def scenario():
+        engine = ContinuousBatchingEngine(bundle.model, bundle.eos_ids, bundle.cfg.max_seq_len, max_batch_size=4, max_queue=0)
+        late = engine.submit(encode(bundle, "the data"), SamplingParams(max_new_tokens=50), ignore_eos=True)
+        with pytest.raises(RequestTimeoutError):
+            async for _ in engine.tokens(late, deadline=time.monotonic() - 1):
+                pass
+        assert late.aborted
+        prompt = "the model"
+        seq = engine.submit(encode(bundle, prompt), SamplingParams(max_new_tokens=12))
+        got = [t async for t in engine.tokens(seq)]
+        await asyncio.sleep(0.05)  # one more loop turn retires finished rows
+        assert engine.active == [] and engine.cache.batch_size == 0
+        # Four slots busy and no queue: the fifth request is refused at once.
+        busy = [engine.submit(encode(bundle, "a"), SamplingParams(max_new_tokens=200), ignore_eos=True) for _ in range(4)]
+        with pytest.raises(QueueFullError):
+            engine.submit(encode(bundle, "b"), SamplingParams(max_new_tokens=4))
+        for b in busy:
+            engine.abort(b)
+        engine.shutdown()
+        return seq, got
+
+    seq, got = asyncio.run(scenario())
+    ref = reference(bundle, "the model", 12)
+    assert bundle.tokenizer.decode(got, skip_special_tokens=True) == ref.text
+
+
+def reference_ids(model, prompt_ids: list[int], n: int) -> list[int]:
+    import torch
+
+    from llm_ray.generation.config import SamplingParams
+    from llm_ray.generation.sampling import decode
+
+    return decode(model, torch.tensor([prompt_ids]), SamplingParams(max_new_tokens=n)).tokens[0]
+
+
+# -- HTTP --------------------------------------------------------------------------------------------
+def test_completions_match_the_generation_api(server, bundle):
+    prompt = "The import statement"
+    ref = reference(bundle, prompt, 20)
+    want, want_finish = ref.text, ref.finish_reason
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 20, "temperature": 0}
+    status, _, text = call(f"{server['main']}/v1/completions", body)
+    assert status == 200, text
+    out = json.loads(text)
+    assert out["object"] == "text_completion" and out["model"] == "tiny"
+    assert out["choices"][0]["text"] == want and want
+    assert out["choices"][0]["finish_reason"] == want_finish
+    assert out["usage"]["prompt_tokens"] == ref.num_prompt_tokens
+
+    status, headers, text = call(f"{server['main']}/v1/completions", {**body, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    chunks = sse_events(text)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want
+    assert chunks[-1]["choices"][0]["finish_reason"] == want_finish
+
+    # A stop string cuts the answer before it and ends the generation.
+    stop = want[len(want) // 2 : len(want) // 2 + 2]
+    status, _, text = call(f"{server['main']}/v1/completions", {**body, "stop": [stop]})
+    out = json.loads(text)
+    assert out["choices"][0]["text"] == want[: want.index(stop)]
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_completions_match_the_generation_api(server, bundle):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the data model?"}]
+    ref = reference(bundle, messages, 24)
+    want, want_finish = ref.text, ref.finish_reason
+    body = {"model": "tiny", "messages": messages, "max_tokens": 24, "temperature": 0}
+    status, _, text = call(f"{server['main']}/v1/chat/completions", body)
+    assert status == 200, text
+    out = json.loads(text)
+    assert out["object"] == "chat.completion"
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": want}
+    assert out["choices"][0]["finish_reason"] == want_finish
+    assert out["usage"]["prompt_tokens"] == ref.num_prompt_tokens
+
+    status, _, text = call(f"{server['main']}/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200
+    chunks = sse_events(text)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == want
+    assert chunks[-1]["usage"]["prompt_tokens"] == ref.num_prompt_tokens
+
+
+def test_32_concurrent_requests_each_get_their_own_answer(server, bundle):
+    """Different prompts and lengths share forward passes; each answer equals the request's
+    single-sequence greedy answer (a row mix-up or a position error shows as a different text)."""
+    jobs = [(p, 8 + (i % 5) * 4) for i, p in enumerate(PROMPTS[:32])]
+    wants = [reference(bundle, p, n).text for p, n in jobs]
+
+    def one(job):
+        p, n = job
+        return call(f"{server['main']}/v1/completions", {"prompt": p, "max_tokens": n, "temperature": 0})
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, jobs))
+    assert all(status == 200 for status, _, _ in results), [r[2] for r in results if r[0] != 200][:2]
+    got = [json.loads(text)["choices"][0]["text"] for _, _, text in results]
+    assert len(set(wants)) > 16  # the prompts really produce different answers
+    assert got == wants
+
+
+@pytest.mark.parametrize(
+    "route, body, param",
+    [
+        ("/v1/chat/completions", b'{"messages": [', None),
+        ("/v1/completions", b"[1, 2]", None),
+        ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ("/v1/chat/completions", {"model": "tiny"}, "messages"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ("/v1/completions", {"model": "tiny"}, "prompt"),
+        ("/v1/completions", {"prompt": "the " * 400}, "prompt"),
+        ("/v1/completions", {"prompt": "the data", "max_tokens": 1000}, "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "temperature": 2.5}, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "temperature": -0.1}, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+    ],
+)
+def test_bad_input_answers_400_naming_the_problem(server, route, body, param):
+    status, headers, text = call(server["main"] + route, body)
+    assert status == 400, text
+    err = json.loads(text)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param
+    if param:
+        assert param.split("[")[0].split(".")[0] in err["message"]
+
+
+def test_api_keys_models_and_health(server):
+    status, headers, text = call(f"{server['main']}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, key=None)
+    assert status == 401 and json.loads(text)["error"]["type"] == "authentication_error"
+    assert headers.get("www-authenticate") == "Bearer"
+    status, _, _ = call(f"{server['main']}/v1/models", key="wrong-key")
+    assert status == 401
+    status, _, text = call(f"{server['main']}/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(text)["data"]] == ["tiny"]
+    status, _, text = call(f"{server['main']}/health", key=None)  # probes carry no key
+    assert status == 200 and json.loads(text)["status"] == "ok"
+    status, _, _ = call(f"{server['small']}/v1/models", key=None)  # no keys configured: open
+    assert status == 200
+
+
+def test_overloaded_replica_answers_503_with_retry_after(server):
+    """One batch slot and one queue place: of 8 simultaneous long requests the ones that find
+    both taken get 503 + Retry-After at once; the admitted ones complete."""
+    body = {"prompt": "the data", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+
+    def one(_):
+        return call(f"{server['small']}/v1/completions", body)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    codes = sorted(r[0] for r in results)
+    assert 503 in codes and 200 in codes, codes
+    assert set(codes) <= {200, 503}, codes
+    for status, headers, text in results:
+        if status == 503:
+            assert headers.get("retry-after") == "2"
+            assert json.loads(text)["error"]["code"] == "queue_full"
+        else:
+            assert json.loads(text)["usage"]["completion_tokens"] == 200
+
+
+def test_smollm2_chat_over_http(server, smollm2_dir):
+    """The out-of-the-box model: SmolLM2 behind the endpoint answers as the generation API does."""
+    from ray import serve
+
+    from llm_ray.config.serve import ServeConfig
+    from llm_ray.models.bundle import load_bundle
+    from llm_ray.serve.app import deployment_for
+
+    cfg = ServeConfig(model=smollm2_dir, model_name="smollm2", app_name="smol", dtype="fp32", cpus_per_replica=0, num_replicas=1)
+    serve.run(deployment_for(cfg), name="smol", route_prefix="/smol")
+    try:
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        ref = reference(load_bundle(smollm2_dir), messages, 12)
+        url = server["main"].replace("/main", "/smol")
+        status, _, text = call(f"{url}/v1/chat/completions", {"model": "smollm2", "messages": messages, "max_tokens": 12, "temperature": 0})
+        assert status == 200, text
+        answer = json.loads(text)["choices"][0]["message"]["content"]
+        assert answer == ref.text and "Paris" in answer
+    finally:
+        serve.delete("smol")
+
+
+def test_metrics_reach_prometheus(server, ray_cluster):
+    """TTFT, tokens, batch size and queue depth are exported by Ray's metrics agent."""
+    call(f"{server['main']}/v1/completions", {"prompt": "the data", "max_tokens": 4, "temperature": 0})
+    node = ray_cluster._private.worker.global_worker.node
+    url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+    want = ["llm_ray_serve_time_to_first_token_s", "llm_ray_serve_generated_tokens", "llm_ray_serve_batch_size", "llm_ray_serve_queue_depth"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if all(name in text for name in want):
+            break
+        time.sleep(2)
+    missing = [name for name in want if name not in text]
+    assert not missing, missing
