@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -42,23 +41,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3 endpoint over HTTP on loopback (moto server), for the session."""
+def start_moto_server(env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free loopback port, once its socket accepts connections.
+
+    Waits on the socket, not with an HTTP request: under IAM auth
+    (``INITIAL_NO_AUTH_ACTION_COUNT``) a probe request would spend an unauthenticated action.
+    """
     port = free_port()
     server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while True:
         try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
                 raise RuntimeError("moto_server did not start")
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint over HTTP on loopback (moto server), for the session."""
+    proc, endpoint = start_moto_server()
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)

@@ -227,31 +227,11 @@ def iam_s3_endpoint():
     """A second moto server that checks credentials: moto authenticates every request after the
     first ``INITIAL_NO_AUTH_ACTION_COUNT`` (2 here: create the bucket, put its object). The
     session's server accepts any key, so it cannot show a refusal."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import boto3
 
-    from tests.conftest import free_port
+    from tests.conftest import start_moto_server
 
-    port = free_port()
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:  # wait on the socket: an HTTP request would spend one of the 2 unauthenticated actions
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "2"})
     s3 = boto3.client("s3", endpoint_url=endpoint)
     s3.create_bucket(Bucket="guarded")
     s3.put_object(Bucket="guarded", Key="raw/a.jsonl", Body=json.dumps({"text": "a document " * 20}).encode() + b"\n")

@@ -171,46 +171,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _envelope(rid: str, model: str, obj: str, choice: dict, **extra) -> dict:
+    """The fields every completion object and stream chunk shares, around its one choice."""
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, **choice, "logprobs": None}], **extra}
+
+
 def completion_response(rid: str, model: str, text: str, finish: str, n_prompt: int, n_out: int) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        "usage": usage(n_prompt, n_out),
-    }
+    return _envelope(rid, model, "text_completion", {"text": text, "finish_reason": finish}, usage=usage(n_prompt, n_out))
 
 
 def chat_response(rid: str, model: str, text: str, finish: str, n_prompt: int, n_out: int) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
-        "usage": usage(n_prompt, n_out),
-    }
+    message = {"role": "assistant", "content": text}
+    return _envelope(rid, model, "chat.completion", {"message": message, "finish_reason": finish}, usage=usage(n_prompt, n_out))
 
 
 def completion_chunk(rid: str, model: str, text: str, finish: Optional[str]) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-    }
+    return _envelope(rid, model, "text_completion", {"text": text, "finish_reason": finish})
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish: Optional[str]) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
+    return _envelope(rid, model, "chat.completion.chunk", {"delta": delta, "finish_reason": finish})
 
 
 def usage_chunk(rid: str, model: str, obj: str, n_prompt: int, n_out: int) -> dict:
