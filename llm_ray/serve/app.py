@@ -70,15 +70,20 @@ class LLMServer:
         import torch
 
         from llm_ray.models.bundle import load_bundle
-        from llm_ray.serve.engine import ContinuousBatchingEngine, pick_dtype
+        from llm_ray.serve.engine import ContinuousBatchingEngine, pick_dtype, torch_executor
         from llm_ray.serve.metrics import EngineMetrics
 
         self.cfg = from_dict(ServeConfig, config, "serve")
-        if self.cfg.torch_threads:
-            torch.set_num_threads(self.cfg.torch_threads)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = pick_dtype(self.cfg.dtype, device)
-        bundle = load_bundle(self.cfg.model, device=device, dtype=self.dtype)
+
+        def setup():  # on the engine's thread: all torch work of the replica stays there
+            if self.cfg.torch_threads:
+                torch.set_num_threads(self.cfg.torch_threads)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = pick_dtype(self.cfg.dtype, device)
+            return device, dtype, load_bundle(self.cfg.model, device=device, dtype=dtype)
+
+        executor = torch_executor()
+        device, self.dtype, bundle = executor.submit(setup).result()
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer
         self.model_name = self.cfg.served_name
@@ -94,6 +99,7 @@ class LLMServer:
             max_queue=self.cfg.max_queue,
             prefill_tokens_per_step=self.cfg.prefill_tokens_per_step,
             metrics=self.metrics,
+            executor=executor,
         )
         logger.info("serving %s (%s, %s) on %s", self.model_name, bundle.path, self.dtype, device)
 
