@@ -8,6 +8,8 @@ application in a Serve config file (``jobs/serve_config.yaml``), so ``serve depl
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +37,8 @@ class ServeAutoscalingConfig:
         _check(self.downscale_delay_s >= 0, "downscale_delay_s", "must be >= 0")
 
     def to_serve(self) -> dict:
-        """The dict Ray Serve's ``AutoscalingConfig`` takes."""
-        return {
-            "min_replicas": self.min_replicas,
-            "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests,
-            "upscale_delay_s": self.upscale_delay_s,
-            "downscale_delay_s": self.downscale_delay_s,
-        }
+        """The dict Ray Serve's ``AutoscalingConfig`` takes (same field names)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass

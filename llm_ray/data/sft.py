@@ -23,14 +23,8 @@ import numpy as np
 from llm_ray.data.packing import IGNORE_INDEX
 from llm_ray.data.sampler import GlobalSampler
 from llm_ray.data.source import iterate_micro_batches
+from llm_ray.generation.chat import CHATML_TEMPLATE, compile_template
 
-# ChatML (what SmolLM2 and Qwen use), as Hugging Face writes it in tokenizer_config.json.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 ROLES = ("system", "user", "assistant")
 
 
@@ -45,27 +39,23 @@ class BadRecord(ValueError):
 class ChatTemplate:
     """Renders messages with a Hugging Face chat template.
 
-    Rendered with jinja2 directly, as ``transformers`` does (sandboxed, trim_blocks,
-    lstrip_blocks, a ``raise_exception`` helper), so SFT does not need transformers installed.
+    Compiled by ``llm_ray.generation.chat`` as ``transformers`` does (sandboxed jinja2), so SFT
+    does not need transformers installed.
     """
 
     def __init__(self, template: Optional[str] = None, bos_token: str = "", eos_token: str = ""):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise BadRecord("chat_template_refused", str(message))
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         self.source = template or CHATML_TEMPLATE
-        self.template = env.from_string(self.source)
-        self.bos_token, self.eos_token = bos_token, eos_token
+        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token, eos_token=self.eos_token,
-        )
+        import jinja2
+
+        try:
+            return compile_template(self.source).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            )
+        except jinja2.exceptions.TemplateError as e:  # the template's raise_exception refused the chat
+            raise BadRecord("chat_template_refused", str(e)) from None
 
     def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The whole conversation's text and the character spans of its assistant turns."""

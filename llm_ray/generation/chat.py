@@ -26,7 +26,8 @@ CHATML_TEMPLATE = (
 
 
 @lru_cache(maxsize=16)
-def _compile(template: str):
+def compile_template(template: str):
+    """A jinja2 template compiled the way transformers compiles chat templates (cached)."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -79,7 +80,7 @@ def render_chat(
     ``special_tokens``: {"bos_token": "<s>", "eos_token": ...} as the template may refer to them.
     """
     messages = validate_messages(messages)
-    return _compile(template or CHATML_TEMPLATE).render(
+    return compile_template(template or CHATML_TEMPLATE).render(
         messages=messages, add_generation_prompt=add_generation_prompt, **(special_tokens or {}), **kwargs
     )
 

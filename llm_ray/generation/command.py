@@ -92,20 +92,8 @@ def run(args) -> None:
             "config": dataclasses.asdict(config),
             "seconds": round(seconds, 3),
             "generated_tokens": sum(r.num_generated_tokens for r in results),
-            "results": [_as_dict(r) for r in results],
+            "results": [dataclasses.asdict(r) for r in results],  # alternatives nest as dicts
         }
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(os.path.abspath(args.out))
-
-
-def _as_dict(r) -> dict:
-    return {
-        "prompt": r.prompt,
-        "text": r.text,
-        "token_ids": r.token_ids,
-        "finish_reason": r.finish_reason,
-        "num_prompt_tokens": r.num_prompt_tokens,
-        "score": r.score,
-        "alternatives": [_as_dict(a) for a in r.alternatives],
-    }

@@ -138,19 +138,11 @@ def predict(model: nn.Module, input_ids: np.ndarray, device, batch_size: int = 1
 
 
 def accuracy_macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
-    """Accuracy and macro F1 over the labels seen in either array (scikit-learn's default set).
+    """Accuracy and macro F1 over the labels seen in either array (eval's metrics, shared)."""
+    from llm_ray.eval.metrics import accuracy, macro_f1
 
-    Written out (a few lines) because scikit-learn is not a runtime dependency; the tests
-    compare it with ``sklearn.metrics.f1_score(average="macro")``.
-    """
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    f1s = []
-    for c in np.union1d(y_true, y_pred):
-        tp = int(((y_pred == c) & (y_true == c)).sum())
-        fp = int(((y_pred == c) & (y_true != c)).sum())
-        fn = int(((y_pred != c) & (y_true == c)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return float((y_true == y_pred).mean()), float(np.mean(f1s))
+    y_true, y_pred = np.asarray(y_true).tolist(), np.asarray(y_pred).tolist()
+    return float(accuracy(y_true, y_pred)), float(macro_f1(y_true, y_pred))
 
 
 def evaluate(model: nn.Module, task: str, examples, device) -> dict:
