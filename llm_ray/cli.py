@@ -145,7 +145,7 @@ def cmd_serve(args) -> None:
 def cmd_bench_serve(args) -> None:
     from llm_ray.bench.serve import bench_serve
 
-    bench_serve(args.recipe, args.set, clients=args.clients, max_tokens=args.max_tokens, rounds=args.rounds)
+    bench_serve(args.recipe, args.set, clients=args.clients, max_tokens=args.max_tokens, rounds=args.rounds, workloads=args.workloads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("recipe", nargs="?", default="jobs/recipes/serve-smollm2.yaml", help="serve recipe")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. serve.max_batch_size=16")
     b.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
-    b.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (eos ignored)")
-    b.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    b.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request, the mean for 'mixed' (eos ignored)")
+    b.add_argument("--rounds", type=int, default=4, help="requests per client: N clients share a queue of N*rounds requests")
+    b.add_argument("--workloads", default="uniform,mixed", help="uniform (all max-tokens long) and/or mixed (lengths drawn around max-tokens)")
     b.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("serve", help="OpenAI-compatible endpoint on Ray Serve (continuous batching); blocks")

@@ -238,6 +238,33 @@ def test_engine_deadline_aborts_the_sequence_and_frees_its_row(bundle):
     assert bundle.tokenizer.decode(got, skip_special_tokens=True) == ref.text
 
 
+def test_streamed_tokens_coalesce_within_the_interval(bundle):
+    """The first tokens go out at once (the step that prefills also decodes: 1 or 2 tokens);
+    later ones that arrive within the interval share one message; with no interval each goes
+    as it comes. The ids are the same either way."""
+    import asyncio
+
+    from llm_ray.generation.config import SamplingParams
+    from llm_ray.serve.engine import ContinuousBatchingEngine
+
+    async def batches(engine, interval_s):
+        seq = engine.submit(encode(bundle, "the model"), SamplingParams(max_new_tokens=20), ignore_eos=True)
+        return [b async for b in engine.token_batches(seq, interval_s=interval_s)]
+
+    async def scenario():
+        engine = ContinuousBatchingEngine(bundle.model, bundle.eos_ids, bundle.cfg.max_seq_len)
+        slow = await batches(engine, 60.0)
+        fast = await batches(engine, 0.0)
+        engine.shutdown()
+        return slow, fast
+
+    slow, fast = asyncio.run(scenario())
+    want = reference_ids(bundle.model, encode(bundle, "the model"), 20)
+    assert len(slow) == 2 and len(slow[0]) <= 2
+    assert sum(slow, []) == sum(fast, []) == want
+    assert len(fast) > 2 and all(fast)
+
+
 def reference_ids(model, prompt_ids: list[int], n: int) -> list[int]:
     import torch
 
@@ -380,6 +407,34 @@ def test_overloaded_replica_answers_503_with_retry_after(server):
             assert json.loads(text)["error"]["code"] == "queue_full"
         else:
             assert json.loads(text)["usage"]["completion_tokens"] == 200
+
+
+def test_request_past_its_timeout_answers_408(server, tiny_dir):
+    """A deadline shorter than any generation: 408 in the OpenAI error shape, or an error event
+    once a stream has begun; the row is freed (the replica reports nothing running after)."""
+    from ray import serve
+
+    from llm_ray.config.serve import ServeConfig
+    from llm_ray.serve.app import deployment_for
+
+    cfg = ServeConfig(model=tiny_dir, model_name="tiny", app_name="late", dtype="fp32", cpus_per_replica=0, num_replicas=1, request_timeout_s=0.001)
+    serve.run(deployment_for(cfg), name="late", route_prefix="/late")
+    try:
+        url = server["main"].replace("/main", "/late")
+        body = {"prompt": "the data", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        status, _, text = call(f"{url}/v1/completions", body, key=None)
+        assert status == 408, text
+        assert json.loads(text)["error"]["code"] == "timeout"
+        status, _, text = call(f"{url}/v1/completions", {**body, "stream": True}, key=None)
+        assert status == 200
+        events = sse_events(text)
+        assert events[-1]["error"]["code"] == "timeout"
+        deadline = time.monotonic() + 10
+        while json.loads(call(f"{url}/health", key=None)[2])["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert json.loads(call(f"{url}/health", key=None)[2])["running"] == 0
+    finally:
+        serve.delete("late")
 
 
 def test_smollm2_chat_over_http(server, smollm2_dir):

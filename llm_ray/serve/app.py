@@ -180,8 +180,9 @@ class LLMServer:
         from llm_ray.serve.engine import RequestTimeoutError
 
         try:
-            async for tok in self.engine.tokens(seq, deadline=seq.arrival + self.cfg.request_timeout_s):
-                delta = stream_text.push(tok)
+            deadline = seq.arrival + self.cfg.request_timeout_s
+            async for batch in self.engine.token_batches(seq, deadline, self.cfg.stream_interval_ms / 1000):
+                delta = "".join(stream_text.push(tok) for tok in batch)  # push is a no-op once stopped
                 if delta:
                     yield delta
                 if stream_text.stopped:  # a stop string: the engine may stop this sequence
