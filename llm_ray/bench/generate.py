@@ -71,7 +71,7 @@ def bench_generate(model: str = "smollm2", new_tokens: int = 64, batch: int = 16
     from rich.console import Console
     from rich.table import Table
 
-    from llm_ray.generation.api import encode_batch
+    from llm_ray.generation.api import encode_batch, pad_id_for
     from llm_ray.generation.config import SamplingParams
     from llm_ray.generation.sampling import decode
     from llm_ray.models.bundle import load_bundle
@@ -79,7 +79,7 @@ def bench_generate(model: str = "smollm2", new_tokens: int = 64, batch: int = 16
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     bundle = load_bundle(model, dtype=torch_dtype if dtype != "fp32" else None)
     hf = load_hf_model(model, torch_dtype)
-    pad = bundle.pad_id if bundle.pad_id is not None else (bundle.eos_ids[0] if bundle.eos_ids else 0)
+    pad = pad_id_for(bundle)
     params = SamplingParams(max_new_tokens=new_tokens)
     # eos off on both sides: every row generates exactly new_tokens, and the tokens can be compared.
     hf_kwargs = dict(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=pad)

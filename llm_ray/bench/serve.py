@@ -90,18 +90,6 @@ def _summary(results: list[dict], wall: float, clients: int) -> dict:
 
 
 # -- (a) transformers generate --------------------------------------------------------------------
-def _left_padded(rows: list[tuple[int, ...]], pad_id: int):
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding, as generation needs
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 def hf_sequential(hf, requests: list[BenchRequest], pad_id: int, n: int = 3) -> float:
     """Tokens/s of ``generate`` on the first ``n`` requests, one at a time."""
     import torch
@@ -120,11 +108,13 @@ def hf_static(hf, requests: list[BenchRequest], pad_id: int, batch: int) -> floa
     A batch generates as many tokens as its longest request asks for (``generate`` has one
     ``max_new_tokens``); only what each request asked for counts.
     """
+    from llm_ray.generation.api import left_pad
+
     t0, useful = time.perf_counter(), 0
     for i in range(0, len(requests), batch):
         group = requests[i : i + batch]
         longest = max(r.max_tokens for r in group)
-        ids, mask = _left_padded([r.prompt_ids for r in group], pad_id)
+        ids, mask = left_pad([list(r.prompt_ids) for r in group], pad_id)
         hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=pad_id)
         useful += sum(r.max_tokens for r in group)
     return useful / (time.perf_counter() - t0)
@@ -279,6 +269,7 @@ def bench_serve(
     from rich.table import Table
 
     from llm_ray.config.serve import load_serve_config
+    from llm_ray.generation.api import pad_id_for
     from llm_ray.models.bundle import load_bundle
     from llm_ray.serve.cli import wait_ready
 
@@ -296,7 +287,7 @@ def bench_serve(
     prompts = bench_prompts(n)
     bundle = load_bundle(cfg.model)
     ids = [tuple(bundle.tokenizer.encode(p).ids) for p in prompts]
-    pad_id = bundle.pad_id if bundle.pad_id is not None else (bundle.eos_ids[0] if bundle.eos_ids else 0)
+    pad_id = pad_id_for(bundle)
     del bundle
     reqs = {w: [BenchRequest(p, i, L) for p, i, L in zip(prompts, ids, request_lengths(w, n, max_tokens))] for w in kinds}
 

@@ -73,7 +73,7 @@ def encode_batch(bundle, texts: list[str], add_special_tokens: bool = True) -> t
     for i, r in enumerate(rows):
         if not r:
             raise ValueError(f"prompts[{i}]: encodes to no tokens")
-    return left_pad(rows, pad_id=_pad_id(bundle))
+    return left_pad(rows, pad_id=pad_id_for(bundle))
 
 
 def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +87,8 @@ def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _pad_id(bundle) -> int:
+def pad_id_for(bundle) -> int:
+    """The id that fills padding: the tokenizer's pad token, else the first eos, else 0."""
     if bundle.pad_id is not None:
         return bundle.pad_id
     return bundle.eos_ids[0] if bundle.eos_ids else 0
@@ -112,7 +113,7 @@ def generate(
     lens = mask.sum(1).tolist()
 
     if config.num_beams > 1:
-        out = beam_search(bundle.model, ids, config, mask, eos_ids=eos, use_cache=use_cache, pad_id=_pad_id(bundle))
+        out = beam_search(bundle.model, ids, config, mask, eos_ids=eos, use_cache=use_cache, pad_id=pad_id_for(bundle))
         results = []
         for i, text in enumerate(texts):
             hyps = [

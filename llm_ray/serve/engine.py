@@ -27,6 +27,7 @@ from typing import AsyncIterator, Optional
 
 import torch
 
+from llm_ray.generation.api import left_pad
 from llm_ray.generation.config import SamplingParams
 from llm_ray.generation.logits import make_generators, select_next_tokens
 from llm_ray.serve.batch_cache import BatchKVCache
@@ -281,13 +282,8 @@ class ContinuousBatchingEngine:
         events: list[tuple[Sequence, Event]] = []
         if newcomers:
             cache = BatchKVCache(self.n_layers)
-            width = max(len(s.prompt_ids) for s in newcomers)
-            ids = torch.zeros(len(newcomers), width, dtype=torch.long)
-            mask = torch.zeros(len(newcomers), width, dtype=torch.bool)
-            for i, s in enumerate(newcomers):  # left padding: every prompt ends at the last column
-                ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
-                mask[i, width - len(s.prompt_ids) :] = True
-            attn = mask.to(self.device) if not bool(mask.all()) else None
+            ids, mask = left_pad([s.prompt_ids for s in newcomers])  # every prompt ends at the last column
+            attn = mask.bool().to(self.device) if not bool(mask.all()) else None
             logits = self.model(ids.to(self.device), attention_mask=attn, kv_cache=cache, logits_to_keep=1)[:, -1]  # (N, V)
             self.cache.merge(cache)
             self.active.extend(newcomers)
