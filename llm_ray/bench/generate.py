@@ -34,8 +34,17 @@ def bench_prompts(n: int) -> list[str]:
     return [FORMS[i % len(FORMS)].format(TOPICS[(i // len(FORMS) + i) % len(TOPICS)]) for i in range(n)]
 
 
-def load_hf_model(model: str, dtype: torch.dtype):
+def bench_device() -> torch.device:
+    """Where both sides of a generation bench run: the GPU when there is one, as serving would."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_hf_model(model: str, dtype: torch.dtype, device: torch.device | None = None):
     """The same weights as a ``transformers`` model: the packaged GGUF, else our folder exported."""
+    return _load_hf_model(model).to(device=device or torch.device("cpu"), dtype=dtype).eval()
+
+
+def _load_hf_model(model: str):
     from transformers import AutoModelForCausalLM
 
     from llm_ray.models.bundle import resolve_model_path
@@ -47,14 +56,14 @@ def load_hf_model(model: str, dtype: torch.dtype):
             src = packaged_source(model)
             kwargs = {"gguf_file": os.path.basename(src)} if src.endswith(".gguf") else {}
             folder = os.path.dirname(src) if kwargs else src
-            return AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(dtype).eval()
+            return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except ImportError:
         pass
     from llm_ray.interop import export_hf
 
     out = tempfile.mkdtemp(prefix="bench-generate-hf-")
     export_hf(resolve_model_path(model), out, verify=False)
-    return AutoModelForCausalLM.from_pretrained(out).to(dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(out)
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -77,8 +86,9 @@ def bench_generate(model: str = "smollm2", new_tokens: int = 64, batch: int = 16
     from llm_ray.models.bundle import load_bundle
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    bundle = load_bundle(model, dtype=torch_dtype if dtype != "fp32" else None)
-    hf = load_hf_model(model, torch_dtype)
+    device = bench_device()
+    bundle = load_bundle(model, device=device, dtype=torch_dtype if dtype != "fp32" else None)
+    hf = load_hf_model(model, torch_dtype, device)
     pad = pad_id_for(bundle)
     params = SamplingParams(max_new_tokens=new_tokens)
     # eos off on both sides: every row generates exactly new_tokens, and the tokens can be compared.
@@ -94,7 +104,7 @@ def bench_generate(model: str = "smollm2", new_tokens: int = 64, batch: int = 16
 
     rows, figures = [], {}
     for b in (1, batch):
-        ids, mask = encode_batch(bundle, bench_prompts(b))
+        ids, mask = (t.to(device) for t in encode_batch(bundle, bench_prompts(b)))
         ours(ids[:, -4:], mask[:, -4:], True)  # warm-up: first calls pay one-off allocation costs
         theirs(ids[:, -4:], mask[:, -4:])
         t_ours, t_hf = float("inf"), float("inf")
@@ -128,6 +138,6 @@ def bench_generate(model: str = "smollm2", new_tokens: int = 64, batch: int = 16
     for b, c, u, h, r, same in rows:
         table.add_row(str(b), f"{c:.1f}", f"{u:.1f}", f"{h:.1f}", f"{r:.2f}x", str(same))
     Console().print(table)
-    figures.update({"model": bundle.path, "dtype": dtype, "new_tokens": new_tokens, "threads": torch.get_num_threads()})
+    figures.update({"model": bundle.path, "dtype": dtype, "device": device.type, "new_tokens": new_tokens, "threads": torch.get_num_threads()})
     print(json.dumps(figures), flush=True)
     return figures

@@ -90,15 +90,23 @@ def _summary(results: list[dict], wall: float, clients: int) -> dict:
 
 
 # -- (a) transformers generate --------------------------------------------------------------------
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def hf_sequential(hf, requests: list[BenchRequest], pad_id: int, n: int = 3) -> float:
     """Tokens/s of ``generate`` on the first ``n`` requests, one at a time."""
     import torch
 
     t0, tokens = time.perf_counter(), 0
     for r in requests[:n]:
-        ids = torch.tensor([r.prompt_ids])
+        ids = torch.tensor([r.prompt_ids], device=hf.device)
         res = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_tokens, min_new_tokens=r.max_tokens, do_sample=False, pad_token_id=pad_id)
         tokens += res.shape[1] - ids.shape[1]
+    _sync(hf.device)
     return tokens / (time.perf_counter() - t0)
 
 
@@ -114,13 +122,14 @@ def hf_static(hf, requests: list[BenchRequest], pad_id: int, batch: int) -> floa
     for i in range(0, len(requests), batch):
         group = requests[i : i + batch]
         longest = max(r.max_tokens for r in group)
-        ids, mask = left_pad([list(r.prompt_ids) for r in group], pad_id)
+        ids, mask = (t.to(hf.device) for t in left_pad([list(r.prompt_ids) for r in group], pad_id))
         hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=pad_id)
         useful += sum(r.max_tokens for r in group)
+    _sync(hf.device)
     return useful / (time.perf_counter() - t0)
 
 
-def hf_baselines(model: str, workloads: dict[str, list[BenchRequest]], pad_id: int, batch_sizes=(8, 16, 32)) -> dict:
+def hf_baselines(model: str, workloads: dict[str, list[BenchRequest]], pad_id: int, batch_sizes=(8, 16, 32), device=None) -> dict:
     """Per workload: ``{"sequential": {dtype: tok/s}, "static_batch": {"fp32_b32": tok/s, ...}}``.
 
     ``uniform``: one batch per size (every batch is alike), fp32 and bf16. ``mixed``: every
@@ -132,14 +141,14 @@ def hf_baselines(model: str, workloads: dict[str, list[BenchRequest]], pad_id: i
 
     from llm_ray.bench.generate import load_hf_model
 
-    hf = load_hf_model(model, torch.float32)
+    hf = load_hf_model(model, torch.float32, device)
     out = {w: {"sequential": {}, "static_batch": {}} for w in workloads}
     uniform = workloads["uniform"]
     with torch.inference_mode():
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             hf = hf.to(dtype)
             warm = uniform[0]
-            hf.generate(torch.tensor([warm.prompt_ids]), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=pad_id)
+            hf.generate(torch.tensor([warm.prompt_ids], device=hf.device), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=pad_id)
             out["uniform"]["sequential"][name] = hf_sequential(hf, uniform, pad_id)
             for b in batch_sizes:
                 out["uniform"]["static_batch"][f"{name}_b{b}"] = hf_static(hf, uniform[:b], pad_id, b)
@@ -168,7 +177,7 @@ class _InlineExecutor(concurrent.futures.Executor):
         return future
 
 
-def engine_in_process(model: str, dtype_name: str, requests: list[BenchRequest], clients: int, max_batch_size: int, prefill_tokens_per_step: int) -> dict:
+def engine_in_process(model: str, dtype_name: str, requests: list[BenchRequest], clients: int, max_batch_size: int, prefill_tokens_per_step: int, device=None) -> dict:
     """``requests`` straight into a ``ContinuousBatchingEngine``, at most ``clients`` at a time
     (no HTTP, no Serve)."""
     import torch
@@ -177,8 +186,9 @@ def engine_in_process(model: str, dtype_name: str, requests: list[BenchRequest],
     from llm_ray.models.bundle import load_bundle
     from llm_ray.serve.engine import ContinuousBatchingEngine, pick_dtype
 
-    dtype = pick_dtype(dtype_name, torch.device("cpu"))
-    bundle = load_bundle(model, dtype=dtype)
+    device = device or torch.device("cpu")
+    dtype = pick_dtype(dtype_name, device)
+    bundle = load_bundle(model, device=device, dtype=dtype)
     engine = ContinuousBatchingEngine(
         bundle.model,
         bundle.eos_ids,
@@ -268,6 +278,7 @@ def bench_serve(
     from rich.console import Console
     from rich.table import Table
 
+    from llm_ray.bench.generate import bench_device
     from llm_ray.config.serve import load_serve_config
     from llm_ray.generation.api import pad_id_for
     from llm_ray.models.bundle import load_bundle
@@ -291,8 +302,10 @@ def bench_serve(
     del bundle
     reqs = {w: [BenchRequest(p, i, L) for p, i, L in zip(prompts, ids, request_lengths(w, n, max_tokens))] for w in kinds}
 
-    hf = hf_baselines(cfg.model, reqs, pad_id, batch_sizes=tuple(b for b in (8, 16, 32) if b <= n))
-    engine = {w: engine_in_process(cfg.model, cfg.dtype, reqs[w], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step) for w in kinds}
+    # Baselines and the in-process engine on the device a replica would use (its GPU if any).
+    device = bench_device() if cfg.use_gpu is not False else None
+    hf = hf_baselines(cfg.model, reqs, pad_id, batch_sizes=tuple(b for b in (8, 16, 32) if b <= n), device=device)
+    engine = {w: engine_in_process(cfg.model, cfg.dtype, reqs[w], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step, device) for w in kinds}
 
     from llm_ray.serve.app import run, url as app_url
 
@@ -310,7 +323,7 @@ def bench_serve(
     table = Table(title=f"bench serve: {cfg.served_name}, greedy, mean {max_tokens} tokens/request, same run")
     for col in ("workload", "what", "tokens/s", "p50 latency s", "p99 latency s", "p50 TTFT s", "p99 TTFT s"):
         table.add_column(col, justify="left" if col in ("workload", "what") else "right")
-    figures: dict = {"model": cfg.served_name, "dtype": cfg.dtype, "max_tokens": max_tokens, "rounds": rounds, "workloads": {}}
+    figures: dict = {"model": cfg.served_name, "dtype": cfg.dtype, "device": str(device or "cpu"), "max_tokens": max_tokens, "rounds": rounds, "workloads": {}}
     top = levels[-1]
     for w in kinds:
         base_seq = max(hf[w]["sequential"].values())
