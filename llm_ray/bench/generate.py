@@ -34,11 +34,6 @@ def bench_prompts(n: int) -> list[str]:
     return [FORMS[i % len(FORMS)].format(TOPICS[(i // len(FORMS) + i) % len(TOPICS)]) for i in range(n)]
 
 
-def bench_device() -> torch.device:
-    """Where both sides of a generation bench run: the GPU when there is one, as serving would."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_hf_model(model: str, dtype: torch.dtype, device: torch.device | None = None):
     """The same weights as a ``transformers`` model: the packaged GGUF, else our folder exported."""
     return _load_hf_model(model).to(device=device or torch.device("cpu"), dtype=dtype).eval()
@@ -84,9 +79,10 @@ def bench_generate(model: str = "smollm2", new_tokens: int = 64, batch: int = 16
     from llm_ray.generation.config import SamplingParams
     from llm_ray.generation.sampling import decode
     from llm_ray.models.bundle import load_bundle
+    from llm_ray.train.device import local_device
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    device = bench_device()
+    device = local_device()  # both sides on the GPU when there is one, as serving would
     bundle = load_bundle(model, device=device, dtype=torch_dtype if dtype != "fp32" else None)
     hf = load_hf_model(model, torch_dtype, device)
     pad = pad_id_for(bundle)

@@ -184,10 +184,11 @@ def engine_in_process(model: str, dtype_name: str, requests: list[BenchRequest],
 
     from llm_ray.generation.config import SamplingParams
     from llm_ray.models.bundle import load_bundle
-    from llm_ray.serve.engine import ContinuousBatchingEngine, pick_dtype
+    from llm_ray.serve.engine import ContinuousBatchingEngine
+    from llm_ray.train.device import pick_inference_dtype
 
     device = device or torch.device("cpu")
-    dtype = pick_dtype(dtype_name, device)
+    dtype = pick_inference_dtype(dtype_name, device)
     bundle = load_bundle(model, device=device, dtype=dtype)
     engine = ContinuousBatchingEngine(
         bundle.model,
@@ -278,11 +279,11 @@ def bench_serve(
     from rich.console import Console
     from rich.table import Table
 
-    from llm_ray.bench.generate import bench_device
     from llm_ray.config.serve import load_serve_config
     from llm_ray.generation.api import pad_id_for
     from llm_ray.models.bundle import load_bundle
     from llm_ray.serve.cli import wait_ready
+    from llm_ray.train.device import local_device
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     levels = sorted(int(c) for c in clients.split(",") if c.strip())
@@ -303,7 +304,7 @@ def bench_serve(
     reqs = {w: [BenchRequest(p, i, L) for p, i, L in zip(prompts, ids, request_lengths(w, n, max_tokens))] for w in kinds}
 
     # Baselines and the in-process engine on the device a replica would use (its GPU if any).
-    device = bench_device() if cfg.use_gpu is not False else None
+    device = local_device() if cfg.use_gpu is not False else None
     hf = hf_baselines(cfg.model, reqs, pad_id, batch_sizes=tuple(b for b in (8, 16, 32) if b <= n), device=device)
     engine = {w: engine_in_process(cfg.model, cfg.dtype, reqs[w], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step, device) for w in kinds}
 

@@ -10,13 +10,14 @@ import torch
 from llm_ray.config.eval import EvalSpec
 from llm_ray.eval.report import write_reports
 from llm_ray.eval.tasks import run_task
+from llm_ray.train.device import local_device
 
 
 def pick_device(spec: EvalSpec) -> torch.device:
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but no CUDA device is present")
     if spec.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device()
     return torch.device(spec.device)
 
 

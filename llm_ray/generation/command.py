@@ -74,8 +74,9 @@ def run(args) -> None:
 
     from llm_ray.generation.api import generate
     from llm_ray.models.bundle import load_bundle
+    from llm_ray.train.device import local_device
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = local_device()
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     bundle = load_bundle(args.model, device=device, dtype=dtype)
     start = time.perf_counter()

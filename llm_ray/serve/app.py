@@ -70,16 +70,17 @@ class LLMServer:
         import torch
 
         from llm_ray.models.bundle import load_bundle
-        from llm_ray.serve.engine import ContinuousBatchingEngine, pick_dtype, torch_executor
+        from llm_ray.serve.engine import ContinuousBatchingEngine, torch_executor
         from llm_ray.serve.metrics import EngineMetrics
+        from llm_ray.train.device import local_device, pick_inference_dtype
 
         self.cfg = from_dict(ServeConfig, config, "serve")
 
         def setup():  # on the engine's thread: all torch work of the replica stays there
             if self.cfg.torch_threads:
                 torch.set_num_threads(self.cfg.torch_threads)
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            dtype = pick_dtype(self.cfg.dtype, device)
+            device = local_device()
+            dtype = pick_inference_dtype(self.cfg.dtype, device)
             return device, dtype, load_bundle(self.cfg.model, device=device, dtype=dtype)
 
         executor = torch_executor()

@@ -74,33 +74,6 @@ class Event:
     finish_reason: Optional[str] = None
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``fp32``/``bf16`` as named; ``auto`` = bf16 where this hardware multiplies faster in it.
-
-    On CUDA that is every GPU with bf16 support; on CPU it depends on AMX / AVX512-BF16, which
-    torch does not report, so a decode-shaped matmul (64 rows x 1024 x 1024) is timed in both,
-    best of 5 (a few ms, once per replica).
-    """
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    best = {}
-    for dt in (torch.float32, torch.bfloat16):
-        x, w = torch.randn(64, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
-        for _ in range(3):
-            x @ w  # warm-up (oneDNN picks its kernel on first use)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            x @ w
-            times.append(time.perf_counter() - t0)
-        best[dt] = min(times)
-    return torch.bfloat16 if best[torch.bfloat16] < 0.8 * best[torch.float32] else torch.float32
-
-
 def torch_executor() -> concurrent.futures.ThreadPoolExecutor:
     """The one thread that does ALL of a replica's torch work: loading, dtype probe, forwards.
 

@@ -41,13 +41,23 @@ def detect_device(cpu_threads: int | None = None) -> DeviceInfo:
     return info
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 2048, seconds: float = 1.0) -> float:
+def local_device() -> torch.device:
+    """The device of a process outside Ray Train (serve replica, eval, SFT driver, bench): its
+    GPU when it has one. Ray Train workers use ``detect_device``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def measure_matmul_tflops(
+    device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 2048, seconds: float = 1.0, rows: int | None = None
+) -> float:
     """Peak-like matmul throughput of this process on ``device``, for MFU's denominator.
 
     On CPU there is no datasheet peak to quote (it depends on cores, AMX and the thread count the
-    worker got), so the guide's rule is to measure it in the same run.
+    worker got), so the guide's rule is to measure it in the same run. ``rows`` < ``n`` times a
+    skinny (rows, n) @ (n, n) product instead, the shape of a decode step.
     """
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    rows = rows or n
+    a = torch.randn(rows, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
@@ -60,7 +70,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloa
         sync()
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return 2 * n**3 * iters / elapsed / 1e12
+            return 2 * rows * n * n * iters / elapsed / 1e12
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -81,3 +91,19 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, float]
     fp32 = measure_matmul_tflops(device, torch.float32, seconds=0.5)
     # 1.2x margin: bf16 costs accuracy, so it must clearly pay for itself.
     return ("bf16", bf16) if bf16 >= 1.2 * fp32 else ("fp32", fp32)
+
+
+def pick_inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``fp32``/``bf16`` as named; ``auto`` = bf16 where this hardware multiplies faster in it.
+
+    On CUDA that is every GPU with bf16 support; on CPU it depends on AMX / AVX512-BF16, which
+    torch does not report, so a decode-shaped matmul (64 rows x 1024 x 1024) is timed in both
+    (a few tens of ms, once per serving replica); bf16 must be 1.25x faster to be chosen.
+    """
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    bf16 = measure_matmul_tflops(device, torch.bfloat16, n=1024, seconds=0.05, rows=64)
+    fp32 = measure_matmul_tflops(device, torch.float32, n=1024, seconds=0.05, rows=64)
+    return torch.bfloat16 if bf16 > 1.25 * fp32 else torch.float32

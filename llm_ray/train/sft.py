@@ -218,8 +218,10 @@ def sft(recipe: Recipe) -> SFTResult:
     from safetensors.torch import load_file, save_file
 
     from llm_ray.data.sft import ExampleSource
+    from llm_ray.generation.api import pad_id_for
     from llm_ray.models.bundle import WEIGHTS, load_bundle, resolve_model_path, save_bundle
     from llm_ray.models.heads import save_classifier
+    from llm_ray.train.device import local_device
     from llm_ray.train.export import load_checkpoint_state
     from llm_ray.train.launcher import _has_checkpoints, _use_gpu, ensure_ray, fit
 
@@ -237,13 +239,13 @@ def sft(recipe: Recipe) -> SFTResult:
     out_dir = _output_dir(recipe, run)
     if not recipe.checkpoint.resume and _has_checkpoints(run):
         raise RecipeError("checkpoint.resume", f"run {run.uri} already has checkpoints; choose another run.name or resume")
-    pad_id = next(i for i in (bundle.pad_id, *(bundle.eos_ids or []), 0) if i is not None)
+    pad_id = pad_id_for(bundle)
     train, held, rejects, template = load_examples(recipe, bundle, pad_id)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, REJECTS), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rejects)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     builder = FinetuneModelBuilder(dataclasses.asdict(ft), pad_id, os.path.join(init_dir, WEIGHTS))
     start_model = build_finetune_model(recipe, builder)
     counts = param_counts(start_model)
