@@ -13,13 +13,16 @@ def _recipe(args):
     return load_recipe(args.recipe, args.set)
 
 
+def _print_result(result) -> None:
+    """A stage's summary (stdout), then its output folder as the last line."""
+    print(json.dumps(result.summary, indent=2))
+    print(result.out_dir)
+
+
 def cmd_pretrain(args) -> None:
     from llm_ray.train.launcher import pretrain
 
-    recipe = _recipe(args)  # validated before any Ray work starts
-    result = pretrain(recipe)
-    print(json.dumps(result.summary, indent=2))
-    print(result.run_dir)
+    _print_result(pretrain(_recipe(args)))  # the recipe is validated before any Ray work starts
 
 
 def cmd_data_prepare(args) -> None:
@@ -60,7 +63,8 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from llm_ray.interop import InteropError, import_hf
+    from llm_ray.bundle import import_hf
+    from llm_ray.interop import InteropError
 
     try:
         out = import_hf(args.source, args.out, tokenizer=args.tokenizer)
@@ -72,7 +76,8 @@ def cmd_import(args) -> None:
 
 
 def cmd_export_hf(args) -> None:
-    from llm_ray.interop import InteropError, export_hf
+    from llm_ray.bundle import export_hf
+    from llm_ray.interop import InteropError
 
     try:
         summary = export_hf(args.model, args.out, verify=not args.no_verify)
@@ -118,13 +123,27 @@ def cmd_bench_train(args) -> None:
 
 
 def cmd_sft(args) -> None:
-    from llm_ray.train.sft import sft
+    from llm_ray.finetune.sft import sft
 
-    recipe = _recipe(args)
-    recipe.finetune.require_run()  # before any Ray work
-    result = sft(recipe)
-    print(json.dumps(result.summary, indent=2))
-    print(result.out_dir)
+    _print_result(sft(_recipe(args)))  # sft validates the recipe before any Ray work
+
+
+def cmd_reward(args) -> None:
+    from llm_ray.align.reward import reward
+
+    _print_result(reward(_recipe(args)))
+
+
+def cmd_dpo(args) -> None:
+    from llm_ray.align.dpo import dpo
+
+    _print_result(dpo(_recipe(args)))
+
+
+def cmd_bench_dpo(args) -> None:
+    from llm_ray.bench.dpo import bench_dpo
+
+    bench_dpo(args.recipe, args.set, steps=args.steps)
 
 
 def cmd_bench_data(args) -> None:
@@ -220,12 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     with_recipe(p)
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("reward", help="reward model (Bradley-Terry) on preference pairs, from a model folder")
+    with_recipe(p)
+    p.set_defaults(func=cmd_reward)
+
+    p = sub.add_parser("dpo", help="direct preference optimisation (DPO / IPO / conservative DPO) of a decoder folder")
+    with_recipe(p)
+    p.set_defaults(func=cmd_dpo)
+
     p = sub.add_parser("bench", help="benchmarks (not tests): same-run ratios against a named baseline")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     b = bsub.add_parser("train", help="engine (Ray Train + DeepSpeed, 1 worker) vs a bare PyTorch loop")
     with_recipe(b, required=False)
     b.add_argument("--steps", type=int, default=12)
     b.set_defaults(func=cmd_bench_train)
+    b = bsub.add_parser("dpo", help="DPO step vs SFT step on the same model and tokens (frozen copy, precomputed reference)")
+    b.add_argument("recipe", nargs="?", default="jobs/recipes/dpo-tiny.yaml", help="dpo recipe")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. finetune.init_from=smollm2")
+    b.add_argument("--steps", type=int, default=10)
+    b.set_defaults(func=cmd_bench_dpo)
     b = bsub.add_parser("data", help="prepare throughput vs plain read + tokenize; data-wait share of step time")
     b.add_argument("--copies", type=int, default=8, help="copies of the bundled corpus (words shuffled) as input")
     b.add_argument("--steps", type=int, default=30)

@@ -23,7 +23,7 @@ def _stage(title: str) -> float:
 
 def run_demo(out: str = "runs/demo", prompt: str = "The import statement") -> str:
     from llm_ray.data.tokenizer import save_tokenizer, train_tokenizer
-    from llm_ray.models.generate import greedy_generate
+    from llm_ray.generation.sampling import greedy_tokens
     from llm_ray.train.export import export_model, load_exported
     from llm_ray.train.launcher import pretrain
 
@@ -62,7 +62,7 @@ def run_demo(out: str = "runs/demo", prompt: str = "The import statement") -> st
     _stage("5/5 greedy sample")
     model, tokenizer, _ = load_exported(exported["out_dir"])
     ids = torch.tensor([tokenizer.encode(prompt).ids])
-    text = tokenizer.decode(greedy_generate(model, ids, max_new_tokens=40)[0].tolist())
+    text = tokenizer.decode(greedy_tokens(model, ids, max_new_tokens=40)[0].tolist())
     print(repr(text))
     summary = {
         "tokenizer": tok_path,

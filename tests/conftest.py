@@ -101,7 +101,7 @@ def tokenizer_paths(tmp_path_factory) -> dict[str, str]:
 def smollm2_dir() -> str:
     """SmolLM2-135M-Instruct as our model folder (converted from the packaged GGUF once, then
     reused from the cache, ``$LLM_RAY_CACHE`` or ``~/.cache/llm-ray``)."""
-    from llm_ray.models.bundle import resolve_model_path
+    from llm_ray.bundle import resolve_model_path
 
     return resolve_model_path("smollm2")
 
@@ -109,7 +109,7 @@ def smollm2_dir() -> str:
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """all-MiniLM-L6-v2 as our encoder folder (converted once, then cached)."""
-    from llm_ray.models.bundle import resolve_model_path
+    from llm_ray.bundle import resolve_model_path
 
     return resolve_model_path("minilm")
 
@@ -128,6 +128,41 @@ def smollm2_hf_session():
     model = transformers.AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
     return model.eval(), tok
+
+
+CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+
+
+def tiny_cfg(vocab: int, **kw):
+    """A 2-layer d=64 decoder config over ``vocab`` tokens, up to 128 positions."""
+    from llm_ray.config import ModelConfig
+
+    return ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, **kw)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tokenizer_paths):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_paths["bpe"])
+    tok.add_special_tokens(CHATML_SPECIALS)  # so the ChatML markers are single tokens
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(chat_tokenizer, tmp_path_factory):
+    """A randomly initialised 2-layer decoder folder with no chat template (ChatML fallback)."""
+    import torch
+
+    from llm_ray.bundle import save_bundle
+    from llm_ray.models import build_model
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(chat_tokenizer.get_vocab_size())
+    out = tmp_path_factory.mktemp("tiny-model")
+    save_bundle(build_model(cfg), cfg, chat_tokenizer.to_str(), str(out),
+                tokenizer_config={"eos_token": "<|im_end|>", "pad_token": "<|pad|>"})
+    return str(out)
 
 
 def tiny_overrides(storage: Path, name: str, tokenizer: str) -> list[str]:

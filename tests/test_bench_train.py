@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from llm_ray.bench.train import bench_train
 from tests.conftest import tiny_overrides
@@ -22,11 +23,13 @@ KEYS = {
 
 
 def test_bench_train_reports_both_sides(ray_cluster, tokenizer_paths, tmp_path, capsys):
-    overrides = tiny_overrides(tmp_path, "bench", tokenizer_paths["bpe"]) + ["model.vocab_size=0"]
+    # fp32 pinned: the loss comparison below is for fp32 math (the bench's own default is auto)
+    overrides = tiny_overrides(tmp_path, "bench", tokenizer_paths["bpe"]) + ["model.vocab_size=0", "train.precision=fp32"]
     result = bench_train(None, overrides, steps=2)
 
     assert KEYS <= result.keys()
     assert result["bench"] == "train" and result["seq_len"] == 32 and result["global_batch"] == 8
+    assert result["precision"] == result["precision_requested"] == "fp32" and result["precision_decided_by_tflops"] is None
     for key in ("engine_tokens_per_s", "bare_tokens_per_s", "engine_mfu", "bare_mfu", "engine_over_bare"):
         assert result[key] > 0, key
     # Not a speed check: same weights, data, schedule and fp32 math give the same loss, which is
@@ -34,3 +37,16 @@ def test_bench_train_reports_both_sides(ray_cluster, tokenizer_paths, tmp_path, 
     assert result["engine_final_loss"] == pytest.approx(result["bare_final_loss"], rel=1e-4)
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last_line) == result
+
+
+def test_bench_precision_is_measured_not_assumed(monkeypatch):
+    """The bench recipe says auto; auto picks by the matmul rates it measured and reports them."""
+    from llm_ray.bench import train as bench
+    from llm_ray.config import load_recipe
+
+    assert load_recipe(str(bench.DEFAULT_RECIPE)).train.precision == "auto"
+    for rates, pick in (({"bf16": 0.51, "fp32": 0.15}, "bf16"), ({"bf16": 0.16, "fp32": 0.31}, "fp32")):
+        monkeypatch.setattr("llm_ray.train.device.measure_matmul_tflops",
+                            lambda device, dtype, rates=rates, **kw: rates["bf16" if dtype == torch.bfloat16 else "fp32"])
+        assert bench._resolve_precision("auto", 1) == (pick, rates)
+    assert bench._resolve_precision("fp32", 1) == ("fp32", None)

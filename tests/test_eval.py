@@ -99,7 +99,7 @@ def test_accuracy_and_macro_f1_agree_with_scikit_learn():
 
 @pytest.fixture(scope="module")
 def minilm(minilm_dir):
-    from llm_ray.models.bundle import load_bundle
+    from llm_ray.bundle import load_bundle
 
     return load_bundle(minilm_dir)
 
@@ -183,7 +183,7 @@ def test_sliding_window_perplexity_matches_hf_loop_and_plain_perplexity():
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    from llm_ray.models.bundle import load_bundle
+    from llm_ray.bundle import load_bundle
 
     return load_bundle(smollm2_dir)
 
@@ -293,9 +293,9 @@ def test_eval_command_writes_reports(tokenizer_paths, minilm_dir, tmp_path, caps
     """Every task kind and prompt style through ``llm-ray eval`` on a tiny random decoder."""
     from tokenizers import Tokenizer
 
+    from llm_ray.bundle import save_bundle
     from llm_ray.cli import main
     from llm_ray.models import build_model
-    from llm_ray.models.bundle import save_bundle
 
     tok = Tokenizer.from_file(tokenizer_paths["bpe"])
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, max_seq_len=512)

@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from llm_ray.bundle import load_bundle
 from llm_ray.config import ModelConfig
 from llm_ray.generation.api import generate, left_pad
 from llm_ray.generation.beam import beam_search
@@ -23,7 +24,6 @@ from llm_ray.generation.config import GenerationConfig, SamplingParams
 from llm_ray.generation.logits import make_generators, process_logits, select_next_tokens
 from llm_ray.generation.sampling import decode
 from llm_ray.models import build_model
-from llm_ray.models.bundle import load_bundle
 
 V = 97
 

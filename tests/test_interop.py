@@ -15,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from llm_ray.models.bundle import load_bundle  # noqa: E402
+from llm_ray.bundle import load_bundle  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -175,7 +175,8 @@ def test_tiny_checkpoint_imports_with_equal_outputs_and_exports_back(kind, tmp_p
 
 
 def test_unsupported_checkpoints_are_refused_naming_the_field(tmp_path):
-    from llm_ray.interop import InteropError, import_hf
+    from llm_ray.bundle import import_hf
+    from llm_ray.interop import InteropError
 
     cases = {
         "model_type": transformers.MistralConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=64, num_attention_heads=4),
@@ -200,11 +201,11 @@ def test_unsupported_checkpoints_are_refused_naming_the_field(tmp_path):
 
 
 def test_export_refuses_shapes_without_a_transformers_equivalent(tmp_path, tokenizer_paths):
+    from llm_ray.bundle import export_hf, save_bundle
     from llm_ray.config import ModelConfig, MoEConfig
-    from llm_ray.interop import InteropError, export_hf
+    from llm_ray.interop import InteropError
     from llm_ray.interop.hf_export import hf_layout
     from llm_ray.models import build_model
-    from llm_ray.models.bundle import save_bundle
 
     base = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
     refused = {
@@ -236,9 +237,9 @@ def test_export_refuses_shapes_without_a_transformers_equivalent(tmp_path, token
 
 @torch.no_grad()
 def test_pretrained_model_exports_to_transformers_with_equal_logits(ray_cluster, tokenizer_paths, tmp_path):
+    from llm_ray.bundle import export_hf
     from llm_ray.config import load_recipe
-    from llm_ray.interop import export_hf
-    from llm_ray.models.generate import greedy_generate
+    from llm_ray.generation.sampling import greedy_tokens
     from llm_ray.train.export import export_model
     from llm_ray.train.launcher import pretrain
     from tests.conftest import CORPUS, tiny_overrides
@@ -262,4 +263,4 @@ def test_pretrained_model_exports_to_transformers_with_equal_logits(ray_cluster,
     # Same greedy continuation from transformers' generate() and ours.
     prompt = input_ids[:, :12]
     ref = hf_model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=bundle.pad_id)
-    assert torch.equal(ref, greedy_generate(bundle.model, prompt, 8))
+    assert torch.equal(ref, greedy_tokens(bundle.model, prompt, 8))

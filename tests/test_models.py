@@ -22,8 +22,8 @@ from llm_ray.models import (
     build_model,
     count_params,
     flops_per_token,
-    greedy_generate,
 )
+from llm_ray.generation.sampling import greedy_tokens
 from llm_ray.models.attention import attention_mask_4d
 
 V = 64
@@ -246,8 +246,8 @@ def test_stepwise_cached_logits_equal_full_forward(name):
 def test_cached_greedy_equals_uncached(name):
     model = make(DECODERS[name])
     x = tokens(3, 6)
-    cached = greedy_generate(model, x, 12, use_cache=True)
-    uncached = greedy_generate(model, x, 12, use_cache=False)
+    cached = greedy_tokens(model, x, 12, use_cache=True)
+    uncached = greedy_tokens(model, x, 12, use_cache=False)
     assert cached.shape == (3, 18)
     assert torch.equal(cached[:, :6], x)
     assert torch.equal(cached, uncached)
@@ -263,9 +263,9 @@ def test_left_padded_batch_matches_each_prompt_alone(name):
     mask[0, :pad] = 0
     torch.testing.assert_close(model(batch, attention_mask=mask)[0, pad:], model(short)[0], atol=1e-5, rtol=0)
     for use_cache in (True, False):
-        out = greedy_generate(model, batch, 8, attention_mask=mask, use_cache=use_cache)
-        assert torch.equal(out[0, pad:], greedy_generate(model, short, 8)[0])
-        assert torch.equal(out[1], greedy_generate(model, long, 8)[0])
+        out = greedy_tokens(model, batch, 8, attention_mask=mask, use_cache=use_cache)
+        assert torch.equal(out[0, pad:], greedy_tokens(model, short, 8)[0])
+        assert torch.equal(out[1], greedy_tokens(model, long, 8)[0])
 
 
 def test_cache_remembers_padding():
@@ -288,18 +288,18 @@ def test_bf16_forward_and_generation():
     x = tokens(2, 8)
     logits = model(x)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    assert greedy_generate(model, x, 4).shape == (2, 12)
+    assert greedy_tokens(model, x, 4).shape == (2, 12)
 
 
 def test_generation_stops_at_eos():
     model = make(llama_cfg())
     x = tokens(1, 5)
-    first = greedy_generate(model, x, 1)[0, -1].item()
-    out = greedy_generate(model, x, 10, eos_id=first)
+    first = greedy_tokens(model, x, 1)[0, -1].item()
+    out = greedy_tokens(model, x, 10, eos_id=first)
     assert out.shape == (1, 6) and out[0, -1].item() == first
     assert model.training is False
     model.train()
-    greedy_generate(model, x, 2)
+    greedy_tokens(model, x, 2)
     assert model.training  # mode restored
 
 

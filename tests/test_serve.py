@@ -54,7 +54,7 @@ def _tiny_model(tokenizer_path: str):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tokenizer_paths, tmp_path_factory) -> str:
-    from llm_ray.models.bundle import save_bundle
+    from llm_ray.bundle import save_bundle
 
     model, cfg, tok = _tiny_model(tokenizer_paths["bpe"])
     tok_config = {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
@@ -63,7 +63,7 @@ def tiny_dir(tokenizer_paths, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def bundle(tiny_dir):
-    from llm_ray.models.bundle import load_bundle
+    from llm_ray.bundle import load_bundle
 
     return load_bundle(tiny_dir)
 
@@ -496,8 +496,8 @@ def test_smollm2_chat_over_http(server, smollm2_dir):
     """The out-of-the-box model: SmolLM2 behind the endpoint answers as the generation API does."""
     from ray import serve
 
+    from llm_ray.bundle import load_bundle
     from llm_ray.config.serve import ServeConfig
-    from llm_ray.models.bundle import load_bundle
     from llm_ray.serve.app import deployment_for
 
     cfg = ServeConfig(model=smollm2_dir, model_name="smollm2", app_name="smol", dtype="fp32", cpus_per_replica=0, num_replicas=1)

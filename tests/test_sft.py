@@ -9,41 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from llm_ray.config import ModelConfig, RecipeError, load_recipe
+from llm_ray.config import RecipeError, load_recipe
 from llm_ray.data.packing import IGNORE_INDEX
 from llm_ray.data.sft import ChatTemplate, build_examples, chat_messages, encode_chat, read_jsonl
 from llm_ray.models import build_model
-from llm_ray.models.bundle import load_bundle, save_bundle
-from tests.conftest import REPO
+from llm_ray.bundle import load_bundle
+from tests.conftest import REPO, tiny_cfg
 
 RECIPE = str(REPO / "jobs/recipes/sft-tiny.yaml")
 INSTRUCTIONS = str(REPO / "jobs/data/sft/instructions.jsonl")
 SENTIMENT = str(REPO / "jobs/data/sft/sentiment.jsonl")
-CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>"]
-
-
-def tiny_cfg(vocab: int, **kw) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, **kw)
-
-
-@pytest.fixture(scope="session")
-def chat_tokenizer(tokenizer_paths):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(tokenizer_paths["bpe"])
-    tok.add_special_tokens(CHATML_SPECIALS)  # so the ChatML markers are single tokens
-    return tok
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(chat_tokenizer, tmp_path_factory):
-    """A randomly initialised 2-layer decoder folder with no chat template (ChatML fallback)."""
-    torch.manual_seed(0)
-    cfg = tiny_cfg(chat_tokenizer.get_vocab_size())
-    out = tmp_path_factory.mktemp("tiny-model")
-    save_bundle(build_model(cfg), cfg, chat_tokenizer.to_str(), str(out),
-                tokenizer_config={"eos_token": "<|im_end|>", "pad_token": "<|pad|>"})
-    return str(out)
 
 
 def sft_recipe(tmp_path, name, init_from, *overrides):
@@ -156,14 +131,14 @@ def test_decoder_classifier_pools_last_real_token():
     batch[0, :7], batch[1] = a[0], b[0]
     assert real_token_mask(batch, 0).sum(1).tolist() == [7, 10]
     together = clf.classify(batch)
-    assert together.shape == (2, 3) and clf(batch).shape == (2, 1, 3)
+    assert together.shape == (2, 3) and clf(batch).shape == (2, 3)
     assert torch.allclose(together[0], clf.classify(a)[0], atol=1e-5)  # padding changes nothing
     assert torch.allclose(together[1], clf.classify(b)[0], atol=1e-5)
 
 
 def test_macro_f1_matches_scikit_learn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    from llm_ray.train.sft import accuracy_macro_f1
+    from llm_ray.finetune.sft import accuracy_macro_f1
 
     y_true = np.array([0, 1, 2, 2, 1, 0, 0, 2])
     y_pred = np.array([0, 2, 2, 2, 1, 1, 0, 0])
@@ -176,7 +151,7 @@ def test_macro_f1_matches_scikit_learn():
 
 
 def test_bad_finetune_recipes_name_the_key(tiny_model_dir, tmp_path):
-    from llm_ray.train.sft import prepare_recipe
+    from llm_ray.finetune.sft import prepare_recipe
 
     cfg = load_bundle(tiny_model_dir).cfg
     cases = {
@@ -206,7 +181,7 @@ def test_bad_finetune_recipes_name_the_key(tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def frozen_run(ray_cluster, tiny_model_dir, tmp_path_factory):
-    from llm_ray.train.sft import sft
+    from llm_ray.finetune.sft import sft
 
     tmp = tmp_path_factory.mktemp("sft-frozen")
     return sft(sft_recipe(tmp, "frozen", tiny_model_dir, "finetune.freeze_embeddings=true", "finetune.freeze_layers=1",
@@ -243,7 +218,7 @@ def test_lora_run_merges_into_equal_weights(ray_cluster, tiny_model_dir, tmp_pat
     from safetensors.torch import load_file
 
     from llm_ray.models.lora import apply_lora
-    from llm_ray.train.sft import sft
+    from llm_ray.finetune.sft import sft
 
     result = sft(sft_recipe(tmp_path, "lora", tiny_model_dir, "finetune.freeze_embeddings=false", "finetune.freeze_layers=0",
                             "finetune.lora.r=4", "finetune.lora.alpha=8", "optim.lr=1e-2", "train.max_steps=16"))
@@ -271,8 +246,8 @@ def test_lora_run_merges_into_equal_weights(ray_cluster, tiny_model_dir, tmp_pat
 
 @pytest.mark.slow
 def test_classification_head_reports_accuracy_and_f1(ray_cluster, tiny_model_dir, tmp_path):
-    from llm_ray.models.heads import load_classifier
-    from llm_ray.train.sft import sft
+    from llm_ray.bundle import load_classifier
+    from llm_ray.finetune.sft import sft
 
     result = sft(sft_recipe(tmp_path, "clf", tiny_model_dir, "finetune.task=classification",
                             f"finetune.train_path={SENTIMENT}", "finetune.labels=[negative,positive]",

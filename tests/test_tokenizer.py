@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_ray.config import TokenizerConfig
+from llm_ray.config import RecipeError, TokenizerConfig
 from llm_ray.data.text_files import list_text_files, read_documents
 from llm_ray.data.tokenizer import (
     encode_documents,
@@ -155,10 +155,10 @@ def test_list_text_files_recurses_sorted_and_names_missing(tmp_path):
     single = tmp_path / "b" / "z.txt"
     assert list_text_files([str(tmp_path), str(single)]) == [str(tmp_path / "a.txt"), str(single)]
     missing = str(tmp_path / "missing_dir")
-    with pytest.raises(FileNotFoundError, match=r"data\.paths.*missing_dir"):
+    with pytest.raises(RecipeError, match=r"data\.paths.*missing_dir"):
         list_text_files([str(tmp_path), missing])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"data\.paths"):
+    with pytest.raises(RecipeError, match=r"data\.paths"):
         list_text_files([str(tmp_path / "empty")])
 
 

@@ -161,7 +161,7 @@ def test_export_gives_a_model_that_loads_and_has_learned(runs, tmp_path):
     from llm_ray.data.packing import causal_lm_example
     from llm_ray.train.export import export_model, load_exported
     from llm_ray.train.launcher import prepare_source
-    from llm_ray.train.parallelize import lm_loss
+    from llm_ray.models.losses import token_cross_entropy as lm_loss
 
     for case in ("zero0_1w_fp32", "zero2_2w", "zero3_2w_offload", "pipeline_2x1", "moe"):
         summary, _ = runs(case)

@@ -17,7 +17,7 @@ from torch import nn
 from llm_ray.config import ModelConfig, Recipe
 from llm_ray.data.source import TrainingSource
 from llm_ray.models import build_model
-from llm_ray.train.parallelize import lm_loss  # the engine's loss; deepspeed is not imported
+from llm_ray.models.losses import token_cross_entropy as lm_loss  # the engine's causal LM loss
 
 
 def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:

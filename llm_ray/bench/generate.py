@@ -42,10 +42,10 @@ def load_hf_model(model: str, dtype: torch.dtype, device: torch.device | None = 
 def _load_hf_model(model: str):
     from transformers import AutoModelForCausalLM
 
-    from llm_ray.models.bundle import resolve_model_path
+    from llm_ray.bundle import resolve_model_path
 
     try:
-        from llm_ray.interop.packaged import PACKAGES, packaged_source
+        from llm_ray.bundle.packaged import PACKAGES, packaged_source
 
         if model in PACKAGES:
             src = packaged_source(model)
@@ -54,7 +54,7 @@ def _load_hf_model(model: str):
             return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except ImportError:
         pass
-    from llm_ray.interop import export_hf
+    from llm_ray.bundle import export_hf
 
     out = tempfile.mkdtemp(prefix="bench-generate-hf-")
     export_hf(resolve_model_path(model), out, verify=False)
@@ -75,10 +75,10 @@ def bench_generate(model: str = "smollm2", new_tokens: int = 64, batch: int = 16
     from rich.console import Console
     from rich.table import Table
 
+    from llm_ray.bundle import load_bundle
     from llm_ray.generation.api import encode_batch, pad_id_for
     from llm_ray.generation.config import SamplingParams
     from llm_ray.generation.sampling import decode
-    from llm_ray.models.bundle import load_bundle
     from llm_ray.train.device import local_device
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]

@@ -182,8 +182,8 @@ def engine_in_process(model: str, dtype_name: str, requests: list[BenchRequest],
     (no HTTP, no Serve)."""
     import torch
 
+    from llm_ray.bundle import load_bundle
     from llm_ray.generation.config import SamplingParams
-    from llm_ray.models.bundle import load_bundle
     from llm_ray.serve.engine import ContinuousBatchingEngine
     from llm_ray.train.device import pick_inference_dtype
 
@@ -279,9 +279,9 @@ def bench_serve(
     from rich.console import Console
     from rich.table import Table
 
+    from llm_ray.bundle import load_bundle
     from llm_ray.config.serve import load_serve_config
     from llm_ray.generation.api import pad_id_for
-    from llm_ray.models.bundle import load_bundle
     from llm_ray.serve.cli import wait_ready
     from llm_ray.train.device import local_device
 

@@ -43,16 +43,21 @@ def _threads(n: int):
         torch.set_num_threads(previous)
 
 
-def _resolve_precision(requested: str, threads: int) -> str:
-    """``auto`` decided once, here, so that both sides train in the same precision."""
-    from llm_ray.train.device import resolve_precision
+def _resolve_precision(requested: str, threads: int) -> tuple[str, dict[str, float] | None]:
+    """``auto`` decided once, here, so that both sides train in the same precision.
 
+    Returns the precision and, for ``auto``, the matmul TFLOP/s per precision that decided it
+    (measured with the worker's thread count; None when the recipe names the precision).
+    """
+    from llm_ray.train.device import compare_cpu_precisions
+
+    rates = None
     if requested == "auto":
         with _threads(threads):
-            requested, _ = resolve_precision("auto", torch.device("cpu"))
+            requested, rates = compare_cpu_precisions(torch.device("cpu"))
     if requested not in DTYPES:
         raise ValueError(f"train.precision: the bench runs fp32 or bf16 on CPU, not {requested}")
-    return requested
+    return requested, rates
 
 
 def _matmul_peaks(precision: str, threads: int) -> dict[str, float]:
@@ -108,6 +113,9 @@ def print_table(result: dict) -> None:
         f"batch {result['global_batch']}, {result['precision']}, {result['threads']} threads, "
         f"peak {result['peak_tflops']:.3f} TFLOP/s"
     )
+    if result["precision_decided_by_tflops"]:
+        rates = ", ".join(f"{k} {v:.3f}" for k, v in result["precision_decided_by_tflops"].items())
+        table.caption = f"precision auto -> {result['precision']} (matmul TFLOP/s: {rates})"
     for col in ("", "tokens/s", "MFU", "step s (mean)", "step s (median)", "final loss"):
         table.add_column(col, justify="right")
     for name in ("engine", "bare"):
@@ -137,7 +145,8 @@ def bench_train(recipe_path: str | None, overrides: list[str], steps: int = 12) 
         raise ValueError("steps must be >= 1")
     recipe = load_recipe(recipe_path or str(DEFAULT_RECIPE), overrides)
     cores = len(os.sched_getaffinity(0))
-    precision = _resolve_precision(recipe.train.precision, cores)
+    recipe_precision = recipe.train.precision
+    precision, decided_by = _resolve_precision(recipe_precision, cores)
     ensure_ray()  # before the peak: every figure is taken with Ray's daemons running
     if _cluster_cpus() < cores:
         raise RuntimeError(f"the Ray cluster has {_cluster_cpus():g} CPUs; the bench's worker needs {cores}")
@@ -170,6 +179,8 @@ def bench_train(recipe_path: str | None, overrides: list[str], steps: int = 12) 
         "micro_batch": recipe.train.micro_batch_size,
         "grad_accum": recipe.grad_accum_steps,
         "precision": precision,
+        "precision_requested": recipe_precision,
+        "precision_decided_by_tflops": decided_by,  # auto: the matmul TFLOP/s it compared
         "threads": cores,
         "timed_steps": steps,
         "flops_per_token": flops,

@@ -2,6 +2,7 @@
 
 from llm_ray.config.prepare import CleanConfig, DedupConfig, PIIConfig, PrepareConfig
 from llm_ray.config.finetune import FinetuneConfig, LoRAConfig
+from llm_ray.config.align import AlignConfig, DPOConfig, RewardConfig
 from llm_ray.config.loader import RecipeError, apply_overrides, from_dict, parse_override
 from llm_ray.config.recipe import (
     DEFAULT_CORPUS,
@@ -23,6 +24,9 @@ __all__ = [
     "DedupConfig",
     "PIIConfig",
     "PrepareConfig",
+    "AlignConfig",
+    "DPOConfig",
+    "RewardConfig",
     "FinetuneConfig",
     "LoRAConfig",
     "DEFAULT_CORPUS",

@@ -69,8 +69,9 @@ class FinetuneConfig:
         _check(bool(self.init_from), "finetune.init_from", "needs a model folder or a packaged model name (smollm2)")
         _check(bool(self.train_path), "finetune.train_path", "needs a JSONL file of training records")
 
-    def check_against_model(self, model) -> None:
-        """Checks that need the ``ModelConfig`` read from ``init_from``."""
+    def check_against_model(self, model, check_task: bool = True) -> None:
+        """Checks that need the ``ModelConfig`` read from ``init_from``; ``check_task`` false for
+        stages that ignore ``task`` (reward, dpo)."""
         _check(
             self.freeze_layers <= model.n_layers,
             "finetune.freeze_layers",
@@ -82,5 +83,5 @@ class FinetuneConfig:
                 "finetune.lora",
                 "LoRA already freezes every base weight; drop freeze_embeddings / freeze_layers",
             )
-        if self.task == "chat":
+        if check_task and self.task == "chat":
             _check(model.arch == "decoder", "finetune.task", f"chat needs a decoder, {self.init_from} is an {model.arch}")

@@ -151,7 +151,9 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise RecipeError("", f"recipe file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise RecipeError("", f"{p} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise RecipeError("", f"{p} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

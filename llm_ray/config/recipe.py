@@ -19,6 +19,7 @@ from llm_ray.config.loader import apply_overrides, from_dict, load_yaml
 from llm_ray.config.loader import check as _check
 from llm_ray.config.prepare import PrepareConfig
 from llm_ray.config.finetune import FinetuneConfig
+from llm_ray.config.align import AlignConfig
 
 
 DEFAULT_CORPUS = "jobs/data/tiny_corpus.txt"
@@ -275,7 +276,8 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # llm-ray sft only
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # llm-ray sft, reward, dpo
+    align: AlignConfig = field(default_factory=AlignConfig)  # llm-ray reward, dpo
 
     def __post_init__(self):
         m, t, p = self.model, self.train, self.parallel
@@ -315,6 +317,9 @@ class Recipe:
             "data.seq_len",
             f"{self.data.seq_len} exceeds model.max_seq_len ({m.max_seq_len})",
         )
+        if self.align.max_prompt_tokens:
+            _check(self.align.max_prompt_tokens < self.data.seq_len, "align.max_prompt_tokens",
+                   f"must leave room for a response in data.seq_len ({self.data.seq_len})")
         if self.run.stop_at_step is not None:
             _check(self.run.stop_at_step < t.max_steps, "run.stop_at_step", "must be < train.max_steps")
         if self.data.doc_attention_mask:

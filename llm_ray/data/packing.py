@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+from llm_ray.models.losses import IGNORE_INDEX  # one definition for data, losses and eval
 
 
 def pack_sequences(documents: list[list[int]], block_len: int, sep_id: int) -> np.ndarray:

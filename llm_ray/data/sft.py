@@ -16,13 +16,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
 from llm_ray.data.packing import IGNORE_INDEX
-from llm_ray.data.sampler import GlobalSampler
-from llm_ray.data.source import iterate_micro_batches
 from llm_ray.generation.chat import CHATML_TEMPLATE, compile_template
 
 ROLES = ("system", "user", "assistant")
@@ -46,6 +44,14 @@ class ChatTemplate:
     def __init__(self, template: Optional[str] = None, bos_token: str = "", eos_token: str = ""):
         self.source = template or CHATML_TEMPLATE
         self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token}
+
+    @classmethod
+    def for_bundle(cls, bundle) -> "ChatTemplate":
+        """The template of a loaded model folder (ChatML when it has none), with its BOS/EOS."""
+        from llm_ray.generation.chat import bundle_special_tokens
+
+        specials = bundle_special_tokens(bundle)
+        return cls(bundle.chat_template, specials.get("bos_token", ""), specials.get("eos_token", ""))
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         import jinja2
@@ -191,13 +197,18 @@ def split_records(records: list, eval_fraction: float, seed: int) -> tuple[list,
 
 
 def build_examples(records: list[tuple[int, dict]], source: str, encode) -> Examples:
-    """Run ``encode(record) -> (input_ids, labels)`` over records, collecting ``BadRecord``s."""
+    """Run ``encode(record) -> (input_ids, labels)`` over records, collecting ``BadRecord``s.
+
+    Any other exception from one record (a template or tokenizer choking on its content: a lone
+    surrogate, a value the template cannot add) makes it a reject too, reason ``encode_error``.
+    """
     inputs, labels, rejects = [], [], []
     for n, record in records:
         try:
             x, y = encode(record)
-        except BadRecord as e:
-            rejects.append({"source": source, "line": n, "reason": e.reason, "detail": str(e),
+        except Exception as e:
+            bad = e if isinstance(e, BadRecord) else BadRecord("encode_error", f"{type(e).__name__}: {e}")
+            rejects.append({"source": source, "line": n, "reason": bad.reason, "detail": str(bad),
                             "record": json.dumps(record)[:1000]})
             continue
         inputs.append(x)
@@ -205,21 +216,3 @@ def build_examples(records: list[tuple[int, dict]], source: str, encode) -> Exam
     if not inputs:
         return Examples(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64), rejects)
     return Examples(np.stack(inputs), np.stack(labels), rejects)
-
-
-class ExampleSource:
-    """A ``TrainingSource`` over fixed examples, in the same seeded global order as pretraining."""
-
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, seed: int):
-        if len(input_ids) == 0:
-            raise ValueError("no training examples")
-        self.input_ids, self.labels = input_ids, labels
-        self.sampler = GlobalSampler(len(input_ids), seed)
-        self.num_samples = len(input_ids)
-
-    def micro_batch(self, start: int, micro_step: int, dp_rank: int, dp_size: int, micro: int) -> dict[str, np.ndarray]:
-        ids = self.sampler.sample_ids(self.sampler.micro_batch_positions(start, micro_step, dp_rank, dp_size, micro))
-        return {"input_ids": self.input_ids[ids], "labels": self.labels[ids], "sample_ids": ids}
-
-    def iterate(self, start: int, dp_rank: int, dp_size: int, micro: int, accum: int, steps: int) -> Iterator[dict]:
-        return iterate_micro_batches(self, start, dp_rank, dp_size, micro, accum, steps)

@@ -36,6 +36,27 @@ def iterate_micro_batches(source, start: int, dp_rank: int, dp_size: int, micro:
             yield source.micro_batch(start + step * global_batch, m, dp_rank, dp_size, micro)
 
 
+class ArraySource:
+    """A ``TrainingSource`` over fixed examples held as equal-length arrays (SFT examples,
+    preference pairs, their precomputed reference log-probs), in the same seeded global
+    order as pretraining; a micro batch carries every array under its own key."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], seed: int):
+        lengths = {len(a) for a in arrays.values()}
+        if len(lengths) != 1 or not lengths.pop():
+            raise ValueError(f"no training examples (or arrays of different lengths: {sorted(arrays)})")
+        self.arrays = arrays
+        self.num_samples = len(next(iter(arrays.values())))
+        self.sampler = GlobalSampler(self.num_samples, seed)
+
+    def micro_batch(self, start: int, micro_step: int, dp_rank: int, dp_size: int, micro: int) -> dict[str, np.ndarray]:
+        ids = self.sampler.sample_ids(self.sampler.micro_batch_positions(start, micro_step, dp_rank, dp_size, micro))
+        return {**{k: a[ids] for k, a in self.arrays.items()}, "sample_ids": ids}
+
+    def iterate(self, start: int, dp_rank: int, dp_size: int, micro: int, accum: int, steps: int) -> Iterator[dict]:
+        return iterate_micro_batches(self, start, dp_rank, dp_size, micro, accum, steps)
+
+
 class TokenBlockSource:
     def __init__(self, blocks: np.ndarray, objective: str, seed: int, masking: Optional[MaskingSpec] = None):
         if objective == "masked_lm" and masking is None:

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from llm_ray.config.loader import RecipeError
 from llm_ray.data.packing import MaskingSpec, causal_lm_example, masked_lm_example
 from llm_ray.data.shards import read_manifest, read_shard_columns
 from llm_ray.storage import resolve_storage
@@ -97,8 +98,8 @@ class ShardSource:
             raise FileNotFoundError(f"data.shards: no manifest.json under {uri} (run `llm-ray data prepare` first)")
         self.manifest = manifest
         if doc_attention_mask and not manifest.get("keep_doc_boundaries"):
-            raise ValueError(f"data.doc_attention_mask: the shards under {uri} hold no document boundaries "
-                             "(prepare them with prepare.keep_doc_boundaries: true)")
+            raise RecipeError("data.doc_attention_mask", f"the shards under {uri} hold no document boundaries "
+                                                         "(prepare them with prepare.keep_doc_boundaries: true)")
         # Per-token document ids ride along as ``segment_ids`` (B, T) for block-diagonal attention.
         self.doc_attention_mask = doc_attention_mask
         self.columns = ["input_ids", "doc_index"] if doc_attention_mask else ["input_ids"]

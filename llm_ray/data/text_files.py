@@ -10,12 +10,17 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from llm_ray.config.loader import RecipeError
+
 # One or more empty (or whitespace-only) lines end a document; \s also covers "\r\n" files.
 _BLANK_LINES = re.compile(r"\n\s*\n")
 
 
 def list_text_files(paths: list[str]) -> list[str]:
-    """Expand files and folders (recursively, ``*.txt``) into a sorted list of files."""
+    """Expand files and folders (recursively, ``*.txt``) into a sorted list of files.
+
+    A path that names nothing is the recipe's error (``data.paths``), reported as one line.
+    """
     files: set[str] = set()
     for p in paths:
         path = Path(p)
@@ -24,9 +29,9 @@ def list_text_files(paths: list[str]) -> list[str]:
         elif path.is_dir():
             files.update(str(f) for f in path.rglob("*.txt") if f.is_file())
         else:
-            raise FileNotFoundError(f"data.paths: {p!r} does not exist (expected a text file or a folder)")
+            raise RecipeError("data.paths", f"{p!r} does not exist (expected a text file or a folder)")
     if not files:
-        raise FileNotFoundError(f"data.paths: no *.txt files found under {paths!r}")
+        raise RecipeError("data.paths", f"no *.txt files found under {paths!r}")
     return sorted(files)
 
 

@@ -10,9 +10,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-IGNORE = -100
+from llm_ray.models.losses import IGNORE_INDEX as IGNORE, token_cross_entropy
 
 
 @dataclass
@@ -63,7 +62,7 @@ def token_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int, 
             # Position t predicts token t + 1; score only the last n_scored tokens of the window.
             labels[row, len(chunk) - 1 - w.n_scored : len(chunk) - 1] = chunk[len(chunk) - w.n_scored :]
         logits = model(inputs.to(device)).float()  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE, reduction="sum").item()
+        total += token_cross_entropy(logits, labels.to(device), reduction="sum").item()
         count += int((labels != IGNORE).sum())
     return total, count
 

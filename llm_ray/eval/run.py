@@ -24,7 +24,7 @@ def pick_device(spec: EvalSpec) -> torch.device:
 def run_eval(spec: EvalSpec, out_dir: str, bundle=None) -> dict:
     """Evaluate ``spec.model`` (or an already loaded ``bundle``) on every task; returns the
     report (also written to ``out_dir`` with report.md and summary.json)."""
-    from llm_ray.models.bundle import load_bundle
+    from llm_ray.bundle import load_bundle
 
     t0 = time.perf_counter()
     device = pick_device(spec)

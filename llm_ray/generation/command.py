@@ -72,8 +72,8 @@ def run(args) -> None:
 
     import torch
 
+    from llm_ray.bundle import load_bundle
     from llm_ray.generation.api import generate
-    from llm_ray.models.bundle import load_bundle
     from llm_ray.train.device import local_device
 
     device = local_device()

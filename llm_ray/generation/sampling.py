@@ -5,7 +5,8 @@ only the new token goes through the model and the cache is preallocated to its f
 without it the whole sequence is recomputed each step (the reference the cache must equal).
 Each row picks its token with ``logits.select_next_tokens`` under its own ``SamplingParams``
 and stops on its own: an eos / stop token id, a stop string (``stop_fn``) or its
-``max_new_tokens``. The batch runs until every row has stopped.
+``max_new_tokens``. The batch runs until every row has stopped. ``greedy_tokens`` is the
+greedy loop in tensor-in, tensor-out form (ids (B, T) -> (B, T + new)).
 """
 
 from __future__ import annotations
@@ -111,3 +112,34 @@ def decode(
         model.train(was_training)
     prompt_lens = mask.sum(1).tolist() if mask is not None else [T] * B
     return DecodeOutput(tokens=tokens, finish_reasons=[r or "length" for r in reasons], prompt_lens=prompt_lens)
+
+
+def greedy_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: Optional[int] = None,
+    use_cache: bool = True,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Greedy ``decode`` in tensor-in, tensor-out form: up to ``max_new_tokens`` argmax tokens
+    appended to each prompt; returns (B, T + new).
+
+    Prompts of different lengths go left-padded with an ``attention_mask`` (B, T), 1 = real.
+    A row that produced ``eos_id`` keeps receiving ``eos_id``; generation stops early once
+    every row has. The model runs in eval mode (no dropout) and its mode is restored after.
+    """
+    out = decode(
+        model,
+        input_ids,
+        SamplingParams(max_new_tokens=max_new_tokens),
+        attention_mask=attention_mask,
+        eos_ids=[eos_id] if eos_id is not None else (),
+        use_cache=use_cache,
+    )
+    width = max(len(t) for t in out.tokens)
+    fill = eos_id if eos_id is not None else 0
+    new = torch.full((input_ids.shape[0], width), fill, dtype=input_ids.dtype, device=input_ids.device)
+    for i, toks in enumerate(out.tokens):
+        new[i, : len(toks)] = torch.tensor(toks, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new], dim=1)  # (B, T + new)

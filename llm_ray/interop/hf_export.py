@@ -1,4 +1,4 @@
-"""Export an llm_ray decoder folder to Hugging Face format.
+"""Export a loaded llm_ray decoder (a ``ModelBundle``) to Hugging Face format: ``export(bundle, out_dir)``.
 
 rope + rmsnorm + swiglu decoders become ``LlamaForCausalLM``; learned positions + layernorm +
 gelu (with biases, MHA) become ``GPT2LMHeadModel``. Shapes with no transformers equivalent
@@ -69,14 +69,16 @@ def verify_export(bundle, out_dir: str) -> dict:
     }
 
 
-def export_hf(model_dir: str, out_dir: str, verify: bool = True) -> dict:
-    """Write ``out_dir`` (config.json, model.safetensors, tokenizer files, summary.json)."""
+def export(bundle, out_dir: str, verify: bool = True) -> dict:
+    """Write ``out_dir`` (config.json, model.safetensors, tokenizer files, summary.json).
+
+    ``bundle``: a loaded model folder (``llm_ray.bundle.ModelBundle`` or anything with its
+    ``model``, ``cfg``, ``tokenizer``, ``chat_template``, ``bos_id``, ``eos_ids``, ``pad_id``, ``path``).
+    """
     import transformers
 
     from llm_ray.models import count_params
-    from llm_ray.models.bundle import load_bundle
 
-    bundle = load_bundle(model_dir)
     cfg = bundle.cfg
     layout = hf_layout(cfg)
     token_names, token_ids = _special_tokens(bundle)

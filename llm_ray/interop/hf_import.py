@@ -1,14 +1,14 @@
-"""Import a Hugging Face checkpoint (folder, GGUF file or packaged name) into an llm_ray model folder.
+"""Convert a Hugging Face checkpoint (folder or GGUF file) into our model: ``convert() -> Converted``.
 
 ``transformers`` reads the checkpoint (safetensors/bin, sharded or not, and GGUF, which it
 dequantizes to fp32 and un-permutes); we only rename and reshape tensors (``families.py``).
 Every import runs both models on one sample and records the largest difference, so a folder
-carries its own parity figure (``config.json`` -> ``parity_max_abs_diff``).
+carries its own parity figure (``config.json`` -> ``parity_max_abs_diff``). Writing the model
+folder is ``llm_ray.bundle``'s (``import_hf``, ``bundle.packaged.write_converted``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -177,25 +177,3 @@ def convert(source: str, tokenizer: Optional[str] = None) -> Converted:
     if cfg.arch == "encoder":
         provenance["mlm_head"] = mlm_head
     return Converted(model, cfg, tokenizer_json, tokenizer_config, provenance)
-
-
-def write_converted(conv: Converted, out_dir: str, extra: Optional[dict] = None, final_dir: Optional[str] = None) -> dict:
-    """Save a converted model as a model folder plus ``summary.json``; return the summary.
-
-    ``final_dir``: where the folder will live when ``out_dir`` is a staging folder renamed later.
-    """
-    from llm_ray.models import count_params
-    from llm_ray.models.bundle import WEIGHTS, save_bundle
-
-    provenance = {**conv.provenance, **(extra or {})}
-    save_bundle(conv.model, conv.cfg, conv.tokenizer_json, out_dir, provenance, conv.tokenizer_config)
-    summary = {
-        "out_dir": os.path.abspath(final_dir or out_dir),
-        **provenance,
-        "arch": conv.cfg.arch,
-        "params": count_params(conv.model),
-        "bytes": os.path.getsize(os.path.join(out_dir, WEIGHTS)),
-    }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary

@@ -14,7 +14,6 @@ from llm_ray.models.attention import Attention
 from llm_ray.models.decoder import DecoderBlock, DecoderEmbedding, DecoderHead, DecoderLM
 from llm_ray.models.encoder import EncoderMLM, MLMHead
 from llm_ray.models.ffn import GeluMLP, SwiGLU, make_ffn
-from llm_ray.models.generate import greedy_generate
 from llm_ray.models.kv_cache import KVCache
 from llm_ray.models.layers import RMSNorm, RotaryEmbedding, SinusoidalPositions, make_norm
 from llm_ray.models.moe import MoEFeedForward
@@ -98,7 +97,6 @@ __all__ = [
     "build_model",
     "count_params",
     "flops_per_token",
-    "greedy_generate",
     "make_ffn",
     "make_norm",
 ]

@@ -1,29 +1,25 @@
-"""Sequence classification on top of our decoder or encoder, and its on-disk form.
+"""Sequence heads on top of our decoder or encoder: class logits and scalar rewards.
 
 ``SequenceClassifier`` pools one vector per sequence (decoder: the last real token, which has
 seen the whole text under causal attention; encoder: [CLS] or the mean of real tokens) and
-projects it to ``num_labels`` logits. Its ``forward`` returns ``(B, 1, C)`` so that the training
-engine's token cross entropy (``parallelize.lm_loss``) is exactly the classification loss with
-labels ``(B, 1)``: the same loop trains language models and classifiers.
+projects it to ``num_labels`` logits (B, C); trained by the classification objective with its
+own cross entropy. ``num_labels=1`` is a scalar head: ``RewardModel`` returns (B,) rewards.
 
 Inputs are right-padded with ``pad_id``; only the trailing run of pads counts as padding, so a
 pad id that also appears inside a text (some tokenizers pad with EOS) does not cut it short.
+Callers that know each row's length pass ``lengths`` instead (a final EOS equal to the pad id
+then still counts as a real token).
 
-On disk a classifier is a normal model folder (``save_bundle``: the backbone, loadable alone)
-plus ``classifier.safetensors`` (the head) and ``classifier.json`` (labels, pooling, pad id).
+On disk: ``save_classifier`` / ``load_classifier`` in the model-folder package (``bundle/heads.py``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 
-HEAD_WEIGHTS = "classifier.safetensors"
-HEAD_CONFIG = "classifier.json"
 Pooling = Literal["auto", "last", "cls", "mean"]
 
 
@@ -37,8 +33,8 @@ def real_token_mask(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 class SequenceClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_labels: int, pad_id: int, pooling: Pooling = "auto"):
         super().__init__()
-        if num_labels < 2:
-            raise ValueError(f"a classifier needs at least 2 labels, got {num_labels}")
+        if num_labels < 1:
+            raise ValueError(f"a sequence head needs at least 1 output, got {num_labels}")
         self.backbone = backbone
         self.arch = backbone.cfg.arch
         if pooling == "auto":
@@ -73,48 +69,27 @@ class SequenceClassifier(nn.Module):
         last = (mask.long().sum(1) - 1).clamp(min=0)  # (B,) index of the last real token
         return x[torch.arange(x.shape[0], device=x.device), last]
 
-    def classify(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) right-padded -> logits (B, C)."""
-        mask = real_token_mask(input_ids, self.pad_id)
+    def classify(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (B, T) right-padded, lengths (B,) optional -> logits (B, C)."""
+        if lengths is None:
+            mask = real_token_mask(input_ids, self.pad_id)
+        else:
+            mask = torch.arange(input_ids.shape[1], device=input_ids.device) < lengths.unsqueeze(1)  # (B, T)
         pooled = self.pool(self.hidden_states(input_ids, mask), mask)
         return self.classifier(pooled.to(self.classifier.weight.dtype))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.classify(input_ids).unsqueeze(1)  # (B, 1, C): one "token" per sequence
+    def forward(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.classify(input_ids, lengths)  # (B, C)
 
     def aux_loss(self) -> torch.Tensor:
         return self.backbone.aux_loss()
 
 
-def save_classifier(
-    model: SequenceClassifier,
-    labels: list[str],
-    tokenizer_json: str,
-    out_dir: str,
-    provenance: Optional[dict] = None,
-    tokenizer_config: Optional[dict] = None,
-) -> str:
-    from safetensors.torch import save_file
+class RewardModel(SequenceClassifier):
+    """r(prompt + response): a scalar head on the pooled last real token, (B, T) -> (B,)."""
 
-    from llm_ray.models.bundle import save_bundle
+    def __init__(self, backbone: nn.Module, pad_id: int, pooling: Pooling = "auto"):
+        super().__init__(backbone, 1, pad_id, pooling)
 
-    save_bundle(model.backbone, model.backbone.cfg, tokenizer_json, out_dir, provenance, tokenizer_config)
-    head = {k: v.detach().float().contiguous() for k, v in model.classifier.state_dict().items()}
-    save_file(head, os.path.join(out_dir, HEAD_WEIGHTS))
-    with open(os.path.join(out_dir, HEAD_CONFIG), "w") as f:
-        json.dump({"labels": labels, "pooling": model.pooling, "pad_id": model.pad_id}, f, indent=2)
-    return os.path.abspath(out_dir)
-
-
-def load_classifier(path: str, device: str = "cpu") -> tuple[SequenceClassifier, list[str], "object"]:
-    """(classifier in eval mode, label names, tokenizer) from a folder ``save_classifier`` wrote."""
-    from safetensors.torch import load_file
-
-    from llm_ray.models.bundle import load_bundle
-
-    with open(os.path.join(path, HEAD_CONFIG)) as f:
-        spec = json.load(f)
-    bundle = load_bundle(path, device=device)
-    model = SequenceClassifier(bundle.model, len(spec["labels"]), spec["pad_id"], spec["pooling"])
-    model.classifier.load_state_dict(load_file(os.path.join(path, HEAD_WEIGHTS), device=str(device)), strict=True)
-    return model.to(device).eval(), spec["labels"], bundle.tokenizer
+    def forward(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.classify(input_ids, lengths)[:, 0]  # (B,)

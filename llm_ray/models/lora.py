@@ -10,6 +10,7 @@ wraps Hugging Face modules, ours are not).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -32,6 +33,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=weight.dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in the paper's code
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # False: exactly the base layer (see ``adapters_disabled``)
 
     @property
     def in_features(self) -> int:
@@ -46,6 +48,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., in) -> (..., out); the low-rank path never materialises the (out, in) update
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + self.scale * ((self.drop(x) @ self.lora_A.t()) @ self.lora_B.t())
 
     def merged(self) -> nn.Linear:
@@ -115,3 +119,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors (``...lora_A`` / ``...lora_B``), for saving an adapter alone."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run ``model`` as its frozen base: every ``LoRALinear`` computes ``base(x)`` alone.
+
+    DPO's reference policy is the starting model; with LoRA that is the same weights with the
+    adapters off, so no second copy of the model is needed.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True

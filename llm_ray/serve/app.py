@@ -69,7 +69,7 @@ class LLMServer:
     def __init__(self, config: dict):
         import torch
 
-        from llm_ray.models.bundle import load_bundle
+        from llm_ray.bundle import load_bundle
         from llm_ray.serve.engine import ContinuousBatchingEngine, torch_executor
         from llm_ray.serve.metrics import EngineMetrics
         from llm_ray.train.device import local_device, pick_inference_dtype

@@ -87,10 +87,19 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, float]
     if device.type == "cuda":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return precision, measure_matmul_tflops(device, DTYPES[precision])
-    bf16 = measure_matmul_tflops(device, torch.bfloat16, seconds=0.5)
-    fp32 = measure_matmul_tflops(device, torch.float32, seconds=0.5)
+    precision, rates = compare_cpu_precisions(device)
+    return precision, rates[precision]
+
+
+def compare_cpu_precisions(device: torch.device) -> tuple[str, dict[str, float]]:
+    """``auto`` on a CPU: the precision to train in and the matmul TFLOP/s of each that decided it.
+
+    CPUs of one machine kind differ (AMX, AVX512-BF16, microcode), so this is measured, never
+    assumed: bf16 wins only where it multiplies clearly faster than fp32.
+    """
+    rates = {name: measure_matmul_tflops(device, DTYPES[name], seconds=0.5) for name in ("bf16", "fp32")}
     # 1.2x margin: bf16 costs accuracy, so it must clearly pay for itself.
-    return ("bf16", bf16) if bf16 >= 1.2 * fp32 else ("fp32", fp32)
+    return ("bf16" if rates["bf16"] >= 1.2 * rates["fp32"] else "fp32"), rates
 
 
 def pick_inference_dtype(name: str, device: torch.device) -> torch.dtype:

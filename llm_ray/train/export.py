@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
+from llm_ray.bundle import WEIGHTS, load_bundle, save_bundle
 from llm_ray.config import ModelConfig, from_dict
-from llm_ray.models.bundle import WEIGHTS, load_bundle, save_bundle
 from llm_ray.storage import Storage, resolve_storage
 from llm_ray.train.checkpointing import MANIFEST, latest_complete_checkpoint
 
@@ -124,6 +124,6 @@ def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> d
 
 
 def load_exported(path: str, device: str = "cpu"):
-    """(model in eval mode, tokenizer, ModelConfig) from a model folder (see models/bundle.py)."""
+    """(model in eval mode, tokenizer, ModelConfig) from a model folder (see llm_ray/bundle/folder.py)."""
     bundle = load_bundle(path, device=device)
     return bundle.model, bundle.tokenizer, bundle.cfg

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 
-from llm_ray.config import Recipe
+from llm_ray.config import Recipe, RecipeError
+from llm_ray.stage import StageResult
 from llm_ray.storage import Storage, resolve_storage
-
-
-@dataclass
-class PretrainResult:
-    run_dir: str
-    summary: dict
 
 
 def ensure_ray() -> None:
@@ -51,14 +47,24 @@ def _check_resumable(run: Storage, model: dict, tok_hash: str) -> None:
         return
     manifest = json.loads(ckpt.read_text(MANIFEST))
     if manifest["tokenizer_hash"] != tok_hash:
-        raise ValueError(f"data.tokenizer: run {run.uri} was trained with another tokenizer; use a new run.name")
+        raise RecipeError("data.tokenizer", f"run {run.uri} was trained with another tokenizer; use a new run.name")
     saved = normalized_model(manifest["model"])
     for key, value in model.items():
         if saved.get(key) != value:
-            raise ValueError(
-                f"model.{key}: run {run.uri} has checkpoints with {key}={saved.get(key)!r}, "
+            raise RecipeError(
+                f"model.{key}", f"run {run.uri} has checkpoints with {key}={saved.get(key)!r}, "
                 f"the recipe says {value!r}; use a new run.name to start over"
             )
+
+
+def _check_same_tokenizer(run: Storage, saved, named, path: str) -> None:
+    """Refuse to go on with ``run`` (its ``tokenizer.json`` is ``saved``) when the recipe names another."""
+    from llm_ray.data.tokenizer import tokenizer_hash
+
+    if tokenizer_hash(saved) != tokenizer_hash(named):
+        raise RecipeError("data.tokenizer", f"{path} is not the tokenizer run {run.uri} was trained with "
+                                            f"({tokenizer_hash(named)}, the run's is {tokenizer_hash(saved)}); "
+                                            "use a new run.name")
 
 
 def _prepared_dataset(recipe: Recipe) -> Storage:
@@ -68,16 +74,20 @@ def _prepared_dataset(recipe: Recipe) -> Storage:
     dataset = resolve_storage(recipe.data.shards, recipe.run.s3_endpoint)
     manifest = read_manifest(dataset)
     if manifest is None:
-        raise ValueError(f"data.shards: no manifest.json under {dataset.uri}; run `llm-ray data prepare` first")
+        raise RecipeError("data.shards", f"no manifest.json under {dataset.uri}; run `llm-ray data prepare` first")
     if manifest["seq_len"] != recipe.data.seq_len:
-        raise ValueError(f"data.seq_len: {recipe.data.seq_len}, but {dataset.uri} was packed with seq_len {manifest['seq_len']}")
+        raise RecipeError("data.seq_len", f"{recipe.data.seq_len}, but {dataset.uri} was packed with seq_len {manifest['seq_len']}")
     if manifest["objective"] != recipe.train.objective:
-        raise ValueError(f"train.objective: {recipe.train.objective}, but {dataset.uri} was packed for {manifest['objective']}")
+        raise RecipeError("train.objective", f"{recipe.train.objective}, but {dataset.uri} was packed for {manifest['objective']}")
     return dataset
 
 
 def prepare_source(recipe: Recipe, run: Storage):
-    """Tokenizer (the run's own copy wins on resume) and the packed training source."""
+    """Tokenizer (the run's own copy wins on resume) and the packed training source.
+
+    Needs no Ray: ``pretrain`` calls it first, so that a bad input path or a changed tokenizer
+    is one line from the CLI before anything starts.
+    """
     from tokenizers import Tokenizer
 
     from llm_ray.data.packing import MaskingSpec
@@ -91,6 +101,8 @@ def prepare_source(recipe: Recipe, run: Storage):
         tokenizer = Tokenizer.from_str(dataset.read_text("tokenizer.json"))  # the one the shards were packed with
     elif run.exists("tokenizer.json"):
         tokenizer = Tokenizer.from_str(run.read_text("tokenizer.json"))
+        if data.tokenizer.path and os.path.exists(data.tokenizer.path):  # missing (train_if_missing): the run's copy stays
+            _check_same_tokenizer(run, tokenizer, ensure_tokenizer(data.tokenizer, data.paths), data.tokenizer.path)
     else:
         tokenizer = ensure_tokenizer(data.tokenizer, data.paths)
     special = special_ids(tokenizer)
@@ -98,7 +110,7 @@ def prepare_source(recipe: Recipe, run: Storage):
     masking = None
     if recipe.train.objective == "masked_lm":
         if special.mask_id is None:
-            raise ValueError("data.tokenizer: masked_lm needs a tokenizer with a [MASK] token (kind: wordpiece)")
+            raise RecipeError("data.tokenizer", "masked_lm needs a tokenizer with a [MASK] token (kind: wordpiece)")
         masking = MaskingSpec(
             mask_id=special.mask_id,
             vocab_size=vocab,
@@ -115,33 +127,45 @@ def prepare_source(recipe: Recipe, run: Storage):
     return tokenizer, TokenBlockSource(blocks, recipe.train.objective, recipe.train.seed, masking)
 
 
-def pretrain(recipe: Recipe) -> PretrainResult:
+def pretrain(recipe: Recipe) -> StageResult:
     storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint)
     run = storage.child(recipe.run.name)
     if not recipe.checkpoint.resume and _has_checkpoints(run):
-        raise ValueError(
-            f"checkpoint.resume: run {run.uri} already has checkpoints; choose another run.name "
+        raise RecipeError(
+            "checkpoint.resume", f"run {run.uri} already has checkpoints; choose another run.name "
             "or set checkpoint.resume=true to continue it"
+        )
+    tokenizer, source = prepare_source(recipe, run)  # before Ray: input errors are the recipe's, one line
+    model_cfg = dataclasses.replace(recipe.model, vocab_size=recipe.model.vocab_size or tokenizer.get_vocab_size())
+    if model_cfg.vocab_size < tokenizer.get_vocab_size():
+        raise RecipeError(
+            "model.vocab_size", f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()}"
         )
     ensure_ray()
     use_gpu = _use_gpu(recipe)
-    tokenizer, source = prepare_source(recipe, run)
-    model_cfg = dataclasses.replace(recipe.model, vocab_size=recipe.model.vocab_size or tokenizer.get_vocab_size())
-    if model_cfg.vocab_size < tokenizer.get_vocab_size():
-        raise ValueError(
-            f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()}"
-        )
-    summary = fit(recipe, storage, run, model_cfg, tokenizer, source, use_gpu)
-    return PretrainResult(run.uri, summary)
+    from llm_ray.models.converters import ModelSpec
+    from llm_ray.train.objective import PRETRAINING
+
+    job = TrainJob(recipe, ModelSpec.of(model_cfg, seed=recipe.train.seed), PRETRAINING[recipe.train.objective](),
+                   source, tokenizer, use_gpu)
+    return StageResult(run.uri, fit(job, storage, run))
 
 
-def fit(recipe: Recipe, storage: Storage, run: Storage, model_cfg, tokenizer, source, use_gpu: bool,
-        loop_extra: dict | None = None) -> dict:
-    """Train ``source`` on the engine (TorchTrainer + DeepSpeed) and write the run's summary.json.
+@dataclass
+class TrainJob:
+    """Everything a stage hands the engine: what to build, what loss, what data."""
 
-    Shared by ``pretrain`` and ``llm-ray sft``; ``loop_extra`` adds entries to the workers'
-    config (sft: ``prepare_model``, see ``parallelize.build_engine``).
-    """
+    recipe: Recipe
+    model: "ModelSpec"  # llm_ray.models.converters.ModelSpec
+    objective: "Objective"  # llm_ray.train.objective.Objective
+    source: object  # a TrainingSource (data/source.py)
+    tokenizer: object  # tokenizers.Tokenizer
+    use_gpu: bool
+
+
+def build_trainer(job: TrainJob, storage: Storage, run: Storage):
+    """The ``TorchTrainer`` of a job (not started): a Ray Tune trial builds and fits one itself
+    (Tune-over-Train in Ray 2.x). Refuses to resume a run of another model or tokenizer."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -149,55 +173,60 @@ def fit(recipe: Recipe, storage: Storage, run: Storage, model_cfg, tokenizer, so
     from llm_ray.data.tokenizer import tokenizer_hash
     from llm_ray.train.loop import train_worker
 
-    _check_resumable(run, dataclasses.asdict(model_cfg), tokenizer_hash(tokenizer))
+    recipe = job.recipe
+    _check_resumable(run, job.model.model, tokenizer_hash(job.tokenizer))
     run.write_text("recipe.yaml", recipe.to_yaml())
-    run.write_text("tokenizer.json", tokenizer.to_str())
-
+    run.write_text("tokenizer.json", job.tokenizer.to_str())
     p = recipe.parallel
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={
             "recipe": recipe.to_dict(),
-            "model": dataclasses.asdict(model_cfg),
+            "model_spec": job.model,
+            "objective": job.objective,
             "recipe_hash": recipe.hash(),
-            "tokenizer_hash": tokenizer_hash(tokenizer),
-            "source": ray.put(source),
-            **(loop_extra or {}),
+            "tokenizer_hash": tokenizer_hash(job.tokenizer),
+            "source": ray.put(job.source),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=p.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            use_gpu=job.use_gpu,
+            resources_per_worker={"CPU": p.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
         ),
         # A collective that waits longer than this fails instead of hanging the job forever.
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
+        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo", timeout_s=600),
         run_config=ray.train.RunConfig(
             name=recipe.run.name,
             storage_path=storage.root,
             storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=recipe.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.checkpoint.keep),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}},
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if job.use_gpu else "cpu"}},
         ),
     )
+
+
+def run_trainer(trainer, job: TrainJob, run: Storage) -> dict:
+    """Fit a trainer from ``build_trainer`` and write the run's ``summary.json``."""
     started = time.time()
     result = trainer.fit()
     metrics = dict(result.metrics or {})
+    keys = ("initial_loss", "final_loss", "steps", "tokens_per_s", "mfu", "peak_tflops", "precision", "stopped_early")
     summary = {
         "run_dir": run.uri,
-        "recipe_hash": recipe.hash(),
-        "initial_loss": metrics.get("initial_loss"),
-        "final_loss": metrics.get("final_loss"),
-        "steps": metrics.get("steps"),
-        "tokens_per_s": metrics.get("tokens_per_s"),
-        "mfu": metrics.get("mfu"),
-        "peak_tflops": metrics.get("peak_tflops"),
-        "precision": metrics.get("precision"),
-        "stopped_early": metrics.get("stopped_early"),
+        "recipe_hash": job.recipe.hash(),
+        "objective": job.objective.name,
+        **{k: metrics.get(k) for k in keys},
+        "last_step_metrics": {k: v for k, v in metrics.items() if k not in keys},
         "checkpoint": run.child(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]).uri if result.checkpoint else None,
         "wall_s": round(time.time() - started, 2),
-        "num_workers": p.num_workers,
-        "use_gpu": use_gpu,
+        "num_workers": job.recipe.parallel.num_workers,
+        "use_gpu": job.use_gpu,
     }
     run.write_text("summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def fit(job: TrainJob, storage: Storage, run: Storage) -> dict:
+    """Build the trainer and run it: the engine's whole job for every stage."""
+    return run_trainer(build_trainer(job, storage, run), job, run)

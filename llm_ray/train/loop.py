@@ -1,4 +1,9 @@
-"""The function every Ray Train worker runs: build the engine, restore, train, checkpoint."""
+"""The function every Ray Train worker runs: build the engine, restore, train, checkpoint.
+
+It exists once for every stage: what is trained and how its loss is computed come in the
+trainer's config as a ``ModelSpec`` (``models/converters.py``) and an objective
+(``train/objective.py``); nothing here knows which one.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llm_ray.config import ModelConfig, Recipe, from_dict
+from llm_ray.config import Recipe, from_dict
 from llm_ray.data.source import TrainingSource
 from llm_ray.storage import resolve_storage
 from llm_ray.train.checkpointing import TrainState, restore_checkpoint, save_checkpoint
@@ -18,50 +23,51 @@ from llm_ray.train.device import detect_device, measure_matmul_tflops, resolve_p
 FAILURE_MARKER = "injected_failure_done"
 
 
-def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        torch.from_numpy(batch["input_ids"]).to(device, non_blocking=True),
-        torch.from_numpy(batch["labels"]).to(device, non_blocking=True),
-    )
+def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every field but the sample ids (bookkeeping, never a model input) as a tensor on ``device``."""
+    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items() if k != "sample_ids"}
 
 
 class _Step:
-    """One optimizer step over ``grad_accum`` micro batches; returns the mean loss over DP ranks."""
+    """One optimizer step over ``grad_accum`` micro batches with the objective's loss; returns
+    the loss and the objective's metrics, each averaged over micro batches and DP ranks."""
 
-    def __init__(self, engine, batches: Iterator[dict], recipe: Recipe, device):
+    def __init__(self, engine, batches: Iterator[dict], recipe: Recipe, device, objective, frozen: dict):
         self.engine, self.batches, self.device = engine, batches, device
+        self.objective, self.frozen = objective, frozen
         self.accum = recipe.grad_accum_steps
         self.pipeline = recipe.parallel.pipeline_stages > 1
 
-    def _pull(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[np.ndarray], float]:
+    def _pull(self) -> tuple[list[dict[str, torch.Tensor]], list[np.ndarray], float]:
         """The step's micro batches, their sample ids, and seconds spent waiting for them."""
         t0 = time.perf_counter()
         raw = [next(self.batches) for _ in range(self.accum)]
         wait = time.perf_counter() - t0
-        # (B, T) document ids when data.doc_attention_mask is on (block-diagonal attention)
-        self.segments = [torch.from_numpy(b["segment_ids"]).to(self.device) if "segment_ids" in b else None for b in raw]
+        self.objective.check_batch(raw[0])
         return [_to_device(b, self.device) for b in raw], [b["sample_ids"] for b in raw], wait
 
-    def __call__(self) -> tuple[float, list[np.ndarray], float]:
-        """Returns (loss, sample ids per micro batch, seconds spent waiting for data)."""
-        from llm_ray.train.parallelize import lm_loss
-
+    def __call__(self) -> tuple[float, dict[str, float], list[np.ndarray], float]:
+        """Returns (loss, metrics, sample ids per micro batch, seconds spent waiting for data)."""
         batches, ids, wait = self._pull()
         if self.pipeline:
             # PipelineEngine pulls `accum` micro batches itself (1F1B) and averages the loss over
             # micro batches and data-parallel ranks on the last stage, then broadcasts it.
-            return float(self.engine.train_batch(data_iter=iter(batches))), ids, wait
-        total = torch.zeros((), device=self.device)
-        for (inputs, labels), segments in zip(batches, self.segments):
-            logits = self.engine(inputs) if segments is None else self.engine(inputs, segment_ids=segments)
-            loss = lm_loss(logits, labels)
+            inputs = iter([self.objective.pipeline_inputs(b) for b in batches])
+            return float(self.engine.train_batch(data_iter=inputs)), {}, ids, wait
+        total, sums = torch.zeros((), device=self.device), {}
+        for batch in batches:
+            loss, metrics = self.objective.loss(self.engine, batch, self.frozen)
             # DeepSpeed divides by the accumulation steps itself (scale_wrt_gas).
             self.engine.backward(loss + self.engine.module.aux_loss())
             self.engine.step()
             total += loss.detach()
-        total /= self.accum
-        dist.all_reduce(total)
-        return float(total) / dist.get_world_size(), ids, wait
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        names = sorted(sums)  # same objective on every rank: same names, one all_reduce
+        packed = torch.stack([total.float(), *(sums[k].to(self.device) for k in names)]) / self.accum
+        dist.all_reduce(packed)
+        packed = (packed / dist.get_world_size()).tolist()
+        return packed[0], dict(zip(names, packed[1:])), ids, wait
 
 
 def _global_sample_ids(ids: list[np.ndarray], dp_rank: int) -> Optional[list[int]]:
@@ -94,13 +100,21 @@ def _agree_on_precision(requested: str, device: torch.device) -> tuple[str, floa
     return precision, tflops
 
 
+def _build_frozen(objective, device: torch.device, precision: str) -> dict[str, torch.nn.Module]:
+    """The objective's frozen models on this worker: eval mode, no gradients, the run's dtype."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return {name: spec.build().to(device=device, dtype=dtype).eval().requires_grad_(False)
+            for name, spec in objective.frozen_models().items()}
+
+
 def train_worker(config: dict) -> None:
-    """Entry point of each Ray Train worker; ``config`` comes from ``launcher.py``."""
+    """Entry point of each Ray Train worker; ``config`` comes from ``launcher.build_trainer``."""
     import ray
     import ray.train
 
     recipe = from_dict(Recipe, config["recipe"])
-    model_cfg = from_dict(ModelConfig, config["model"])
+    spec, objective = config["model_spec"], config["objective"]
+    model_cfg = spec.cfg
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     dev = detect_device(recipe.parallel.cpus_per_worker)
@@ -117,22 +131,23 @@ def train_worker(config: dict) -> None:
 
     source: TrainingSource = ray.get(config["source"])
     run = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint).child(recipe.run.name)
-    # prepare_model (llm-ray sft): load init weights, freeze, add LoRA / a head, before DeepSpeed
-    engine = build_engine(recipe, model_cfg, dev.is_gpu, precision, prepare_model=config.get("prepare_model"))
+    engine = build_engine(recipe, spec, objective, dev.is_gpu, precision)
+    frozen = _build_frozen(objective, dev.device, precision)
     if recipe.parallel.pipeline_stages > 1:
         dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
     else:
         dp_rank, dp_size = rank, ctx.get_world_size()
 
-    expect = {"model": config["model"], "tokenizer_hash": config["tokenizer_hash"]}
+    expect = {"model": spec.model, "tokenizer_hash": config["tokenizer_hash"]}
     checkpoint = ray.train.get_checkpoint()
     state = restore_checkpoint(engine, checkpoint, rank, expect) if checkpoint else TrainState()
 
     # MFU's denominator: a matmul in the run's precision, measured at start on this worker.
     peak = torch.tensor(t.peak_tflops or measured, dtype=torch.float64, device=dev.device)
     dist.all_reduce(peak)  # cluster peak = sum over workers, each measured with its own threads
-    tokens_per_step = t.global_batch_size * recipe.data.seq_len
-    flops_per_tok = flops_per_token(model_cfg, recipe.data.seq_len)
+    tokens_per_step = t.global_batch_size * recipe.data.seq_len * objective.sequences_per_sample
+    # a frozen model's forward costs 2N per token against the trained model's 6N (fwd + bwd)
+    flops_per_tok = flops_per_token(model_cfg, recipe.data.seq_len) * (1 + objective.frozen_forwards / 3)
 
     def mfu(tokens_per_s: float) -> float:
         return tokens_per_s * flops_per_tok / (float(peak) * 1e12)
@@ -141,13 +156,13 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         from llm_ray.train.metrics import MetricsLogger
 
-        logger = MetricsLogger(run, state.step, t.max_steps, recipe.run.progress_bar)
+        logger = MetricsLogger(run, state.step, t.max_steps, recipe.run.progress_bar, t.log_every, objective.name)
     batches = source.iterate(
         state.samples, dp_rank, dp_size, t.micro_batch_size, recipe.grad_accum_steps,
         steps=(recipe.run.stop_at_step or t.max_steps) - state.step,
     )
-    step_fn = _Step(engine, batches, recipe, dev.device)
-    manifest = {**expect, "recipe_hash": config["recipe_hash"], "world_size": ctx.get_world_size()}
+    step_fn = _Step(engine, batches, recipe, dev.device, objective, frozen)
+    manifest = {**expect, "recipe_hash": config["recipe_hash"], "world_size": ctx.get_world_size(), "objective": objective.name}
     timed_steps, timed_seconds, last = 0, 0.0, {}
     while state.step < t.max_steps:
         step = state.step + 1
@@ -155,7 +170,7 @@ def train_worker(config: dict) -> None:
             run.write_text(FAILURE_MARKER, f"crashed at step {step}\n")
             os._exit(1)  # a hard crash, like a node loss or OOM kill: FailureConfig restarts us
         start = time.perf_counter()
-        loss, ids, data_wait = step_fn()
+        loss, objective_metrics, ids, data_wait = step_fn()
         sample_ids = _global_sample_ids(ids, dp_rank) if recipe.run.log_sample_ids else None
         if dev.is_gpu:
             torch.cuda.synchronize()
@@ -169,6 +184,7 @@ def train_worker(config: dict) -> None:
         last = {
             "step": step,
             "loss": loss,
+            **objective_metrics,
             "lr": float(engine.get_lr()[0]),
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -19,7 +20,11 @@ FILES = ("metrics.jsonl", "tensorboard")
 
 
 class MetricsLogger:
-    def __init__(self, run: Storage, start_step: int, total_steps: int, progress_bar: bool = True):
+    """``metrics.jsonl`` gets every step (resume and loss comparisons read it); TensorBoard,
+    the progress bar's text and the log line without a bar every ``log_every`` steps."""
+
+    def __init__(self, run: Storage, start_step: int, total_steps: int, progress_bar: bool = True,
+                 log_every: int = 1, desc: str = "train"):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run = run
@@ -37,22 +42,29 @@ class MetricsLogger:
         # purge_step hides events an earlier attempt logged after the checkpoint we resume from.
         self.writer = SummaryWriter(os.path.join(self.local_dir, "tensorboard"), purge_step=start_step + 1)
         self.jsonl = open(os.path.join(self.local_dir, "metrics.jsonl"), "a")
+        self.log_every, self.total, self.desc = log_every, total_steps, desc
         self.bar = None
         if progress_bar:
             from ray.experimental.tqdm_ray import tqdm  # renders cleanly in the driver's console
 
-            self.bar = tqdm(total=total_steps, desc="pretrain", position=0)
+            self.bar = tqdm(total=total_steps, desc=desc, position=0)
             self.bar.update(start_step)
 
     def log(self, step: int, metrics: dict) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)):
-                self.writer.add_scalar(f"train/{key}", value, step)
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.jsonl.flush()
+        due = step % self.log_every == 0 or step == 1 or step == self.total
+        if due:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+        loss = metrics.get("loss", float("nan"))
         if self.bar is not None:
-            self.bar.set_description(f"loss {metrics.get('loss', float('nan')):.4f}")
+            if due:
+                self.bar.set_description(f"{self.desc} loss {loss:.4f}")
             self.bar.update(1)
+        elif due:
+            print(f"{self.desc} step {step}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
 
     def sync(self) -> None:
         self.writer.flush()

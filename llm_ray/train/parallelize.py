@@ -17,17 +17,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm_ray.config import ModelConfig, Recipe
-from llm_ray.data.packing import IGNORE_INDEX
-from llm_ray.models import build_model
+from llm_ray.models.converters import ModelSpec, backbone_of
 from llm_ray.models.decoder import DecoderBlock, DecoderEmbedding, DecoderHead
 from llm_ray.models.layers import make_norm
 from llm_ray.train.ds_config import deepspeed_config
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross entropy over labelled positions; logits upcast to fp32 for stability."""
-    # logits (B, T, V), labels (B, T) with IGNORE_INDEX where nothing is predicted
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -36,7 +29,7 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     The block's ``forward`` is wrapped in place rather than the block in a wrapper module, so
     parameter names (and so checkpoints and exports) stay the same with and without it.
     """
-    for block in model.layers:
+    for block in backbone_of(model).layers:
         block.forward = functools.partial(_checkpointed_forward, block.forward)
     return model
 
@@ -101,18 +94,13 @@ def pipeline_layers(cfg: ModelConfig) -> list:
     return layers
 
 
-def build_engine(
-    recipe: Recipe,
-    model_cfg: ModelConfig,
-    on_gpu: bool,
-    precision: str | None = None,
-    prepare_model: Callable[[nn.Module], nn.Module] | None = None,
-):
+def build_engine(recipe: Recipe, spec: ModelSpec, objective, on_gpu: bool, precision: str | None = None):
     """Build the model for this rank and wrap it in a DeepSpeed engine (pipeline or not).
 
-    ``prepare_model`` (fine-tuning, no pipeline) transforms the built model before DeepSpeed
-    sees it: loaded weights, frozen parameters (left out of the optimizer by ``param_groups``),
-    LoRA adapters or a classification head.
+    ``spec`` builds the model and applies its converters (loaded weights, a head, frozen
+    parameters — left out of the optimizer by ``param_groups`` — LoRA) before DeepSpeed sees
+    it; activation checkpointing wraps the blocks after. A pipeline splits the bare decoder
+    (converters need the whole model) and takes its loss from the objective.
     """
     import deepspeed
 
@@ -121,19 +109,19 @@ def build_engine(
     if recipe.parallel.pipeline_stages > 1:
         from deepspeed.pipe import PipelineModule
 
+        if spec.converters or not objective.supports_pipeline:
+            raise ValueError(f"parallel.pipeline_stages: {objective.name} with model converters runs without pipeline stages")
         module = PipelineModule(
-            layers=pipeline_layers(model_cfg),
+            layers=pipeline_layers(spec.cfg),
             num_stages=recipe.parallel.pipeline_stages,
-            loss_fn=lm_loss,
+            loss_fn=objective.pipeline_loss,
             partition_method="type:DecoderBlock",
             activation_checkpoint_interval=int(recipe.train.activation_checkpointing),
         )
     else:
-        module = build_model(model_cfg)
+        module = spec.build()
         if recipe.train.activation_checkpointing:
             apply_activation_checkpointing(module)
-        if prepare_model is not None:
-            module = prepare_model(module)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, recipe.optim.weight_decay), config=ds_config
     )

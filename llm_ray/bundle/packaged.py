@@ -4,17 +4,21 @@ A checkpoint is converted once into ``$LLM_RAY_CACHE/models/<name>-<hash>`` (def
 ``~/.cache/llm-ray``); the hash covers the source files' content and the converter version,
 so a changed checkpoint or converter gets a new folder. The folder is built under a temporary
 name and renamed into place: it is whole or absent, and concurrent callers share one build.
+``llm_ray.interop`` converts (``convert``); this module writes the result as a model folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+from llm_ray.bundle.folder import WEIGHTS, save_bundle
 
 # Bump when the conversion's output changes, so stale cache folders are not reused.
 CONVERTER_VERSION = "1"
@@ -62,9 +66,32 @@ def cached_folder(name: str, digest: str, build: Callable[[str, str], None]) -> 
     return str(final)
 
 
+def write_converted(conv, out_dir: str, extra: Optional[dict] = None, final_dir: Optional[str] = None) -> dict:
+    """Save a converted model (``llm_ray.interop.Converted``) as a model folder plus
+    ``summary.json``; return the summary.
+
+    ``final_dir``: where the folder will live when ``out_dir`` is a staging folder renamed later.
+    """
+    from llm_ray.models import count_params
+
+    provenance = {**conv.provenance, **(extra or {})}
+    save_bundle(conv.model, conv.cfg, conv.tokenizer_json, out_dir, provenance, conv.tokenizer_config)
+    summary = {
+        "out_dir": os.path.abspath(final_dir or out_dir),
+        **provenance,
+        "arch": conv.cfg.arch,
+        "params": count_params(conv.model),
+        "bytes": os.path.getsize(os.path.join(out_dir, WEIGHTS)),
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
 def import_cached(source: str, name: str, tokenizer: str | None = None, extra: dict | None = None) -> str:
     """Convert a Hugging Face folder or GGUF file once; return the cached model folder."""
-    from llm_ray.interop.hf_import import convert, locate, write_converted
+    from llm_ray.interop import convert
+    from llm_ray.interop.hf_import import locate
 
     digest = content_digest(locate(source).files() + ([tokenizer] if tokenizer and os.path.isfile(tokenizer) else []))
     return cached_folder(name, digest, lambda staging, final: write_converted(convert(source, tokenizer), staging, extra, final))

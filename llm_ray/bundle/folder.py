@@ -8,7 +8,7 @@ Layout (written by ``llm-ray export``, ``llm-ray import`` and ``llm-ray sft``)::
     tokenizer_config.json  optional, Hugging Face style: chat_template, bos/eos/pad tokens
 
 ``load_bundle`` also accepts a short name of a model shipped in a Python package (``smollm2``,
-``minilm``); ``llm_ray.interop`` registers those and converts them once into a cache folder.
+``minilm``), converted once into a cache folder (``llm_ray.bundle.packaged``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -29,9 +29,6 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
-
-# Short names -> function returning a model folder (filled in by llm_ray.interop on import).
-PACKAGED: dict[str, Callable[[], str]] = {}
 
 
 @dataclass
@@ -72,12 +69,13 @@ def resolve_model_path(name_or_path: str) -> str:
     """A folder path for a folder or a packaged model's short name (converted on first use)."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if not PACKAGED:
-        import llm_ray.interop  # noqa: F401  registers the packaged models (optional extra)
-    if name_or_path in PACKAGED:
-        return PACKAGED[name_or_path]()
+    # Imported here: the packaged-model cache writes its folders with save_bundle (below).
+    from llm_ray.bundle.packaged import PACKAGES, packaged_model
+
+    if name_or_path in PACKAGES:
+        return packaged_model(name_or_path)
     raise FileNotFoundError(
-        f"model {name_or_path!r}: not a folder and not a packaged model ({', '.join(sorted(PACKAGED)) or 'none'})"
+        f"model {name_or_path!r}: not a folder and not a packaged model ({', '.join(sorted(PACKAGES)) or 'none'})"
     )
 
 

@@ -1,0 +1,1 @@
+"""Preference learning stage: reward model (``llm-ray reward``) and DPO (``llm-ray dpo``) on the engine."""

@@ -1,0 +1,111 @@
+"""Preference learning's objectives on the engine's seam (``llm_ray.train.objective``).
+
+Both take a batch of preference pairs (``data/preference.py``): chosen and rejected rows of the
+same length, stacked into ONE forward of 2B rows, so the two halves of a pair see the same
+weights, dropout draw aside, and the step pays one pass over the weights instead of two.
+Metric names follow TRL / OpenRLHF so dashboards read the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from llm_ray.models.converters import ModelSpec
+from llm_ray.models.losses import dpo_loss, pairwise_reward_loss, sequence_logprobs
+from llm_ray.train.objective import Objective
+
+PAIR_FIELDS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
+def stacked(batch: dict[str, torch.Tensor], field: str) -> torch.Tensor:
+    """chosen then rejected along the batch: (B, ...) twice -> (2B, ...)."""
+    return torch.cat([batch[f"chosen_{field}"], batch[f"rejected_{field}"]])
+
+
+@dataclass
+class PairwiseReward(Objective):
+    """Bradley-Terry loss of a ``RewardModel``: -log σ(r_c − r_r − margin) (+ centering)."""
+
+    center_coef: float = 0.0
+    name = "reward"
+    batch_fields = ("chosen_input_ids", "rejected_input_ids", "chosen_length", "rejected_length", "margin")
+    sequences_per_sample = 2
+
+    def loss(self, engine, batch, frozen):
+        rewards = engine(stacked(batch, "input_ids"), stacked(batch, "length"))  # (2B,)
+        chosen, rejected = rewards.float().chunk(2)
+        loss = pairwise_reward_loss(chosen, rejected, batch["margin"], self.center_coef)
+        return loss, {
+            "accuracy": (chosen > rejected).float().mean(),
+            "margin": (chosen - rejected).mean(),
+            "reward_chosen": chosen.mean(),
+            "reward_rejected": rejected.mean(),
+        }
+
+
+@dataclass
+class DPO(Objective):
+    """Direct preference optimisation against a reference policy.
+
+    ``reference``: ``frozen_copy`` — a frozen model built from ``reference_spec`` on every
+    worker; ``adapters_off`` — the trained model itself with its LoRA adapters switched off (the
+    starting policy, no second copy); ``precomputed`` — the batch carries ``ref_chosen_logps``
+    and ``ref_rejected_logps`` computed in one pass before training.
+    """
+
+    beta: float
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: str = "frozen_copy"
+    reference_spec: Optional[ModelSpec] = None
+    name = "dpo"
+    batch_fields = PAIR_FIELDS
+    sequences_per_sample = 2
+
+    def __post_init__(self):
+        if self.reference == "frozen_copy" and self.reference_spec is None:
+            raise ValueError("DPO with a frozen_copy reference needs reference_spec")
+        if self.reference == "precomputed":
+            self.batch_fields = PAIR_FIELDS + ("ref_chosen_logps", "ref_rejected_logps")
+
+    @property
+    def frozen_forwards(self) -> int:  # for MFU: the reference's forward over the same rows
+        return 0 if self.reference == "precomputed" else 1
+
+    def frozen_models(self) -> dict[str, ModelSpec]:
+        return {"reference": self.reference_spec} if self.reference == "frozen_copy" else {}
+
+    @property
+    def average_logps(self) -> bool:
+        return self.loss_type == "ipo"  # IPO's target 1/(2β) is on length-averaged log-probs
+
+    def reference_logps(self, engine, ids: torch.Tensor, labels: torch.Tensor, batch, frozen) -> torch.Tensor:
+        if self.reference == "precomputed":
+            return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        with torch.no_grad():
+            if self.reference == "adapters_off":
+                from llm_ray.models.lora import adapters_disabled
+
+                with adapters_disabled(engine.module):
+                    logits = engine(ids)
+            else:
+                logits = frozen["reference"](ids)
+            return sequence_logprobs(logits, labels, self.average_logps)
+
+    def loss(self, engine, batch, frozen):
+        ids, labels = stacked(batch, "input_ids"), stacked(batch, "labels")  # (2B, T)
+        policy = sequence_logprobs(engine(ids), labels, self.average_logps)  # (2B,)
+        ref = self.reference_logps(engine, ids, labels, batch, frozen)
+        (pc, pr), (rc, rr) = policy.chunk(2), ref.chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing)
+        return losses.mean(), {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": pc.detach().mean(),
+            "logps/rejected": pr.detach().mean(),
+        }

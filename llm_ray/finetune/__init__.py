@@ -1,0 +1,1 @@
+"""Fine-tuning stage: ``llm-ray sft`` (chat or classification; freezing, LoRA) on the engine."""

@@ -1,0 +1,159 @@
+"""Model changes applied before DeepSpeed sees the model, each with its own save-time transform.
+
+Pattern: torchtitan's ``ModelConverter`` — ``convert(model)`` once the model is built, and a
+transform when the trained model is written (``finalize``, run in reverse order). Loading
+initial weights, freezing, LoRA and task heads are converters; pruning masks and fake
+quantisation are meant to be next (convert attaches the mask or observer, finalize bakes the
+sparse or integer weights). A ``ModelSpec`` is the whole recipe of a model: its config and its
+converters, picklable, so every Ray Train worker and every frozen copy builds the same module.
+Pure torch: no Ray, DeepSpeed or file formats beyond safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from llm_ray.config import ModelConfig, from_dict
+
+
+class ModelConverter:
+    """Base class: both steps are the identity unless a converter overrides them."""
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """The model as it should be written: e.g. adapters merged into plain weights."""
+        return model
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The language model under a task head (``SequenceClassifier.backbone``) or the model."""
+    return getattr(model, "backbone", model)
+
+
+@dataclass
+class LoadWeights(ModelConverter):
+    """Load a ``model.safetensors`` into the (backbone of the) built model, strictly."""
+
+    path: str
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        from safetensors.torch import load_model
+
+        load_model(backbone_of(model), self.path, strict=True)
+        return model
+
+
+@dataclass
+class ClassifierHead(ModelConverter):
+    """Wrap the language model in a ``SequenceClassifier``; ``num_labels: 1`` gives a
+    ``RewardModel`` (scalar head)."""
+
+    num_labels: int
+    pad_id: int
+    pooling: str = "auto"
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        from llm_ray.models.heads import RewardModel, SequenceClassifier
+
+        if self.num_labels == 1:
+            clf = RewardModel(model, self.pad_id, self.pooling)
+        else:
+            clf = SequenceClassifier(model, self.num_labels, self.pad_id, self.pooling)
+        # The vocab projection (decoder) / MLM head (encoder) is unused by the classifier: no
+        # gradient, so frozen; except a weight tied to the embedding table, trained via lookups.
+        unused = model.head.proj if model.cfg.arch == "decoder" else model.head
+        tied = {id(p) for p in model.embedding.parameters()}
+        for p in unused.parameters():
+            if id(p) not in tied:
+                p.requires_grad_(False)
+        return clf
+
+
+@dataclass
+class Freeze(ModelConverter):
+    """Freeze the token/position tables (and a head tied to them) and the first ``layers`` blocks."""
+
+    embeddings: bool = False
+    layers: int = 0
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        backbone = backbone_of(model)
+        if self.embeddings:
+            backbone.embedding.requires_grad_(False)
+        for block in backbone.layers[: self.layers]:
+            block.requires_grad_(False)
+        return model
+
+
+@dataclass
+class LoRA(ModelConverter):
+    """Low-rank adapters on the backbone's named linears; the rest of the backbone is frozen and
+    a task head stays trainable. ``finalize`` merges the adapters into plain linears."""
+
+    targets: list[str]
+    r: int
+    alpha: float
+    dropout: float = 0.0
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        from llm_ray.models.lora import apply_lora
+
+        apply_lora(backbone_of(model), self.targets, self.r, self.alpha, self.dropout)
+        return model
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        from llm_ray.models.lora import merge_lora
+
+        return merge_lora(model)
+
+
+@dataclass
+class ModelSpec:
+    """How to build one model: config, seed and converters (plain data: crosses Ray cleanly)."""
+
+    model: dict  # ModelConfig as a dict
+    converters: list[ModelConverter] = field(default_factory=list)
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, converters: Optional[list[ModelConverter]] = None, seed: int = 0) -> "ModelSpec":
+        return cls(dataclasses.asdict(cfg), list(converters or []), seed)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return from_dict(ModelConfig, self.model)
+
+    def build(self) -> nn.Module:
+        """The converted module; the same seed and order give the same heads and adapters."""
+        from llm_ray.models import build_model
+
+        torch.manual_seed(self.seed)
+        module = build_model(self.cfg)
+        for converter in self.converters:
+            module = converter.convert(module)
+        return module
+
+    def without_weights(self) -> "ModelSpec":
+        """The same structure with no initial weights loaded (a checkpoint will fill it)."""
+        return dataclasses.replace(self, converters=[c for c in self.converters if not isinstance(c, LoadWeights)])
+
+    def finalize(self, module: nn.Module) -> nn.Module:
+        for converter in reversed(self.converters):
+            module = converter.finalize(module)
+        return module
+
+    def has(self, kind: type) -> bool:
+        return any(isinstance(c, kind) for c in self.converters)
+
+
+def param_counts(module: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return {"trainable_params": trainable, "frozen_params": frozen}

@@ -1,0 +1,105 @@
+"""User errors end in one line naming the recipe key, exit status 2, before Ray starts.
+
+The CLI runs as a subprocess (as a user runs it) under a fresh ``RAY_TMPDIR``: an empty one
+afterwards shows that no Ray session was started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CORPUS, REPO, tiny_overrides
+
+LLM_RAY = str(Path(sys.executable).parent / "llm-ray")
+RECIPE = str(REPO / "jobs" / "recipes" / "tiny-cpu.yaml")
+
+
+def refused(tmp_path: Path, key: str, *overrides: str, recipe: str = RECIPE) -> str:
+    """Run ``llm-ray pretrain``; assert it refuses with one line about ``key``; return the line."""
+    # Short, under /tmp: Ray's socket paths must stay under 108 bytes should it start after all.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    args = [LLM_RAY, "pretrain", recipe] + [a for o in overrides for a in ("--set", o)]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        started = any(ray_tmp.iterdir())
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"llm-ray: invalid recipe: {key}"), proc.stderr
+    assert not started, "a Ray session was started before the error"
+    return lines[0]
+
+
+@pytest.fixture
+def base(tmp_path, tokenizer_paths) -> list[str]:
+    return tiny_overrides(tmp_path / "runs", "err", tokenizer_paths["bpe"])
+
+
+def test_missing_data_paths(tmp_path, base):
+    line = refused(tmp_path, "data.paths", *base, f"data.paths=[{tmp_path / 'no-such-folder'}]")
+    assert "no-such-folder" in line
+
+
+def test_shards_without_manifest(tmp_path, base):
+    (tmp_path / "empty-dataset").mkdir()
+    line = refused(tmp_path, "data.shards", *base, "data.source=shards", f"data.shards={tmp_path / 'empty-dataset'}")
+    assert "manifest.json" in line
+
+
+def test_vocab_size_smaller_than_the_tokenizer(tmp_path, base):
+    line = refused(tmp_path, "model.vocab_size", *base, "model.vocab_size=100")
+    assert "512" in line
+
+
+def test_recipe_that_is_not_utf8(tmp_path):
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("model:\n  d_model: 64  # caf\u00e9\n".encode("latin-1"))
+    line = refused(tmp_path, "", recipe=str(recipe))
+    assert str(recipe) in line and "not UTF-8" in line
+
+
+@pytest.mark.slow
+def test_resume_with_another_tokenizer_is_refused(ray_cluster, tokenizer_paths, tmp_path):
+    """The run's own tokenizer.json must not hide that the recipe now names another tokenizer."""
+    from llm_ray.config import load_recipe
+    from llm_ray.data.tokenizer import save_tokenizer, train_tokenizer
+    from llm_ray.train.launcher import pretrain
+
+    runs = tmp_path / "runs"
+    first = pretrain(load_recipe(RECIPE, tiny_overrides(runs, "tok", tokenizer_paths["bpe"])
+                                 + ["train.precision=fp32", "run.stop_at_step=5"]))
+    assert first.summary["steps"] == 5
+    other = str(tmp_path / "other-bpe.json")
+    save_tokenizer(train_tokenizer([str(CORPUS)], "bpe", 300), other)
+    line = refused(tmp_path, "data.tokenizer", *tiny_overrides(runs, "tok", other), "train.precision=fp32")
+    assert first.run_dir in line and "run.name" in line
+
+
+def test_records_that_break_the_template_or_tokenizer_are_rejects(tokenizer_paths):
+    """Any exception while encoding one record makes it a reject (reason encode_error), never stops the run."""
+    from tokenizers import Tokenizer
+
+    from llm_ray.data.sft import ChatTemplate, build_examples, chat_messages, encode_chat
+
+    tok = Tokenizer.from_file(tokenizer_paths["bpe"])
+    good = {"prompt": "What is 1 plus 1?", "response": "1 plus 1 is 2."}
+    surrogate = {"prompt": "a lone \ud800 surrogate", "response": "ok"}  # the tokenizer raises TypeError
+    empty_user = {"prompt": "", "response": "ok"}  # this template divides by the content's length
+    template = ChatTemplate("{% for m in messages %}{{ m['content'] }}{{ 100 // (m['content'] | length) }}"
+                            "{% endfor %}")
+    records = list(enumerate([good, surrogate, empty_user, good], start=1))
+    ex = build_examples(records, "mem.jsonl", lambda r: encode_chat(chat_messages(r), template, tok, 32, 0))
+    assert len(ex) == 2
+    assert [(r["line"], r["reason"]) for r in ex.rejects] == [(2, "encode_error"), (3, "encode_error")]
+    assert "TypeError" in ex.rejects[0]["detail"] and "ZeroDivisionError" in ex.rejects[1]["detail"]
