@@ -30,9 +30,9 @@ def cmd_data_prepare(args) -> None:
 
     recipe = _recipe(args)
     recipe.prepare.require_io()  # before any Ray work
-    summary = prepare(recipe)
-    print_summary(summary)
-    print(summary["output"])
+    result = prepare(recipe)
+    print_summary(result.summary)
+    print(result.out_dir)
 
 
 def cmd_recipe(args) -> None:
@@ -45,10 +45,16 @@ def cmd_recipe(args) -> None:
 
 
 def cmd_tokenizer_train(args) -> None:
+    from llm_ray.config import RecipeError
     from llm_ray.data.text_files import list_text_files
     from llm_ray.data.tokenizer import save_tokenizer, tokenizer_hash, train_tokenizer
 
-    tok = train_tokenizer(list_text_files(args.files), args.kind, args.vocab_size, args.min_frequency)
+    try:
+        files = list_text_files(args.files)
+    except RecipeError as e:  # the files come from the command line here, not from a recipe key
+        print(f"llm-ray tokenizer train: {e.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    tok = train_tokenizer(files, args.kind, args.vocab_size, args.min_frequency)
     save_tokenizer(tok, args.out)
     print(f"vocab {tok.get_vocab_size()}  hash {tokenizer_hash(tok)}", file=sys.stderr)
     print(args.out)
@@ -57,9 +63,7 @@ def cmd_tokenizer_train(args) -> None:
 def cmd_export(args) -> None:
     from llm_ray.train.export import export_model
 
-    summary = export_model(args.run, args.out, s3_endpoint=args.s3_endpoint)
-    print(json.dumps(summary, indent=2))
-    print(summary["out_dir"])
+    _print_result(export_model(args.run, args.out, s3_endpoint=args.s3_endpoint))
 
 
 def cmd_import(args) -> None:

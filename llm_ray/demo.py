@@ -56,7 +56,7 @@ def run_demo(out: str = "runs/demo", prompt: str = "The import statement") -> st
     print(f"({time.perf_counter() - t0:.1f}s)")
 
     t0 = _stage("4/5 export a consolidated model")
-    exported = export_model(second.run_dir, os.path.join(out, "model"))
+    exported = export_model(second.run_dir, os.path.join(out, "model")).summary
     print(f"{exported['params']:,} parameters, {exported['bytes']:,} bytes -> {exported['out_dir']}")
 
     _stage("5/5 greedy sample")

@@ -103,7 +103,7 @@ def prepared(ray_cluster, bucket, s3_endpoint, tokenizer_paths, tmp_path_factory
     from llm_ray.data.pipeline import prepare
 
     recipe = _prepare_recipe(bucket, s3_endpoint, tmp_path_factory.mktemp("p"), tokenizer_paths["bpe"])
-    return recipe, prepare(recipe)
+    return recipe, prepare(recipe).summary
 
 
 def _objects(endpoint, bucket, prefix):

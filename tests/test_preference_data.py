@@ -207,10 +207,17 @@ def test_shipped_pairs_load_cleanly_and_are_balanced(bundle):
 def test_no_usable_pair_names_the_key(bundle, tmp_path):
     only_bad = tmp_path / "only_bad.jsonl"
     only_bad.write_text(json.dumps({"prompt": "Q?", "chosen": "A."}) + "\n{broken\n")
-    with pytest.raises(ValueError, match="align.train_path"):
+    from llm_ray.config import RecipeError
+
+    with pytest.raises(RecipeError) as err:
         load_preference_data(str(only_bad), "", 0.2, 0, bundle, SEQ_LEN, MAX_PROMPT)
-    with pytest.raises(ValueError, match="align.eval_path"):
+    assert err.value.key == "finetune.train_path"
+    with pytest.raises(RecipeError) as err:
         load_preference_data(PAIRS, str(only_bad), 0.2, 0, bundle, SEQ_LEN, MAX_PROMPT)
+    assert err.value.key == "finetune.eval_path"
+    with pytest.raises(RecipeError) as err:  # a path that does not exist: one line, not a traceback
+        load_preference_data(str(tmp_path / "missing.jsonl"), "", 0.2, 0, bundle, SEQ_LEN, MAX_PROMPT)
+    assert err.value.key == "finetune.train_path"
 
 
 def test_unexpected_encoding_errors_are_rejects_not_fatal(chat_tokenizer):

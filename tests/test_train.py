@@ -165,7 +165,7 @@ def test_export_gives_a_model_that_loads_and_has_learned(runs, tmp_path):
 
     for case in ("zero0_1w_fp32", "zero2_2w", "zero3_2w_offload", "pipeline_2x1", "moe"):
         summary, _ = runs(case)
-        out = export_model(summary["run_dir"], str(tmp_path / case))
+        out = export_model(summary["run_dir"], str(tmp_path / case)).summary
         model, tokenizer, cfg = load_exported(out["out_dir"])
         assert out["step"] == 10 and out["params"] > 0
         recipe = load_recipe(str(resolve_storage(summary["run_dir"]).root) + "/recipe.yaml")
@@ -196,7 +196,7 @@ def test_checkpoints_and_resume_on_s3(ray_cluster, tokenizer_paths, s3_endpoint,
                 "checkpoint_00000010/llm_ray_checkpoint.json"):
         assert f"runs/s3run/{key}" in keys, key
     assert any(k.startswith("runs/s3run/tensorboard/") for k in keys)
-    out = export_model(second.run_dir, str(tmp_path / "export"), s3_endpoint=s3_endpoint)
+    out = export_model(second.run_dir, str(tmp_path / "export"), s3_endpoint=s3_endpoint).summary
     assert out["source_checkpoint"].endswith("checkpoint_00000010")
     model, _, _ = load_exported(out["out_dir"])
     assert model.cfg.vocab_size == 512

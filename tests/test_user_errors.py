@@ -21,13 +21,13 @@ LLM_RAY = str(Path(sys.executable).parent / "llm-ray")
 RECIPE = str(REPO / "jobs" / "recipes" / "tiny-cpu.yaml")
 
 
-def refused(tmp_path: Path, key: str, *overrides: str, recipe: str = RECIPE) -> str:
-    """Run ``llm-ray pretrain``; assert it refuses with one line about ``key``; return the line."""
+def refused(tmp_path: Path, key: str, *overrides: str, recipe: str = RECIPE, stage: str = "pretrain") -> str:
+    """Run ``llm-ray STAGE``; assert it refuses with one line about ``key``; return the line."""
     # Short, under /tmp: Ray's socket paths must stay under 108 bytes should it start after all.
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
-    args = [LLM_RAY, "pretrain", recipe] + [a for o in overrides for a in ("--set", o)]
+    args = [LLM_RAY, stage, recipe] + [a for o in overrides for a in ("--set", o)]
     try:
         proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
         started = any(ray_tmp.iterdir())
@@ -103,3 +103,23 @@ def test_records_that_break_the_template_or_tokenizer_are_rejects(tokenizer_path
     assert len(ex) == 2
     assert [(r["line"], r["reason"]) for r in ex.rejects] == [(2, "encode_error"), (3, "encode_error")]
     assert "TypeError" in ex.rejects[0]["detail"] and "ZeroDivisionError" in ex.rejects[1]["detail"]
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_preference_stages_refuse_bad_input_before_ray(tmp_path, tiny_model_dir, stage):
+    recipe = str(REPO / "jobs" / "recipes" / f"{stage}-tiny.yaml")
+    ok = [f"finetune.init_from={tiny_model_dir}", f"run.storage_path={tmp_path / 'runs'}"]
+    refused(tmp_path, "finetune.init_from", f"finetune.init_from={tmp_path / 'nothing'}", recipe=recipe, stage=stage)
+    line = refused(tmp_path, "finetune.train_path", *ok, f"finetune.train_path={tmp_path / 'none.jsonl'}",
+                   recipe=recipe, stage=stage)
+    assert "none.jsonl" in line
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "Q?", "chosen": "same", "rejected": "same"}\n{not json\n')
+    line = refused(tmp_path, "finetune.train_path", *ok, f"finetune.train_path={tmp_path / 'bad.jsonl'}",
+                   recipe=recipe, stage=stage)
+    assert "identical_responses" in line and "invalid_json" in line  # why nothing was usable
+    key = {"reward": "align.reward.center_coef", "dpo": "align.dpo.beta"}[stage]
+    refused(tmp_path, key, *ok, f"{key}=-1", recipe=recipe, stage=stage)
+    if stage == "dpo":
+        refused(tmp_path, "align.dpo.reference", *ok, "align.dpo.reference=adapters_off", recipe=recipe, stage=stage)
+        refused(tmp_path, "align.dpo.label_smoothing", *ok, "align.dpo.loss=ipo", "align.dpo.label_smoothing=0.1",
+                recipe=recipe, stage=stage)

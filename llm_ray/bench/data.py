@@ -103,7 +103,7 @@ def bench_data(copies: int = 8, steps: int = 30) -> dict:
             f"train.max_steps={steps}", f"checkpoint.every_steps={steps}",
         ])
         start = time.perf_counter()
-        summary = prepare(recipe)
+        summary = prepare(recipe).summary
         prepare_s = time.perf_counter() - start
         tokenizer_json = resolve_storage(summary["output"]).read_text("tokenizer.json")
         plain_tokens, plain_s = _plain(raw, tokenizer_json)

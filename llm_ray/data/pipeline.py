@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 
 from llm_ray.config import Recipe
 from llm_ray.data.shards import PackSpec, pack_token_lists, read_manifest, shard_name, shard_of, shard_table, write_manifest, write_shard
+from llm_ray.stage import StageResult
 from llm_ray.storage import Storage, StorageError, list_files, resolve_storage
 
 CHARS_PER_TOKEN = 4.0  # rough estimate used only to choose the number of shards
@@ -262,8 +263,13 @@ def _text_chars(t: pa.Table) -> int:
     return int(pc.sum(pc.utf8_length(t["text"])).as_py() or 0)
 
 
-def prepare(recipe: Recipe) -> dict:
-    """Run the pipeline; returns the summary (also saved as summary.json in the output)."""
+def prepare(recipe: Recipe) -> StageResult:
+    """Run the pipeline; the result's folder is the prepared dataset (summary.json inside)."""
+    summary = _prepare(recipe)
+    return StageResult(summary["output"], summary)
+
+
+def _prepare(recipe: Recipe) -> dict:
     import ray
     import ray.data
 

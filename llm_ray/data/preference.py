@@ -341,6 +341,7 @@ def load_preference_data(path: str, eval_path: Optional[str], eval_fraction: flo
     encoding, so a rejected record never takes a held-out slot.
     """
     from llm_ray.generation.api import pad_id_for
+    from llm_ray.storage import StorageError
 
     if seq_len < 1 or max_prompt_tokens < 1:
         raise RecipeError("align.max_prompt_tokens", f"must be >= 1 (and data.seq_len too), got {max_prompt_tokens} / {seq_len}")
@@ -350,7 +351,7 @@ def load_preference_data(path: str, eval_path: Optional[str], eval_fraction: flo
     def build(key: str, where: str) -> PreferenceExamples:
         try:
             records, bad = read_preference_records(where, s3_endpoint)
-        except (FileNotFoundError, ValueError) as e:  # no such file, or no data file in a folder
+        except (FileNotFoundError, ValueError, StorageError) as e:  # missing, no data file, unreachable
             raise RecipeError(key, str(e)) from None
         ex = build_preference_examples(records, encode)
         rejects.extend(bad + ex.rejects)

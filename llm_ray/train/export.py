@@ -18,6 +18,7 @@ import torch
 
 from llm_ray.bundle import WEIGHTS, load_bundle, save_bundle
 from llm_ray.config import ModelConfig, from_dict
+from llm_ray.stage import StageResult, write_summary
 from llm_ray.storage import Storage, resolve_storage
 from llm_ray.train.checkpointing import MANIFEST, latest_complete_checkpoint
 
@@ -98,7 +99,7 @@ def load_checkpoint_state(uri: str, s3_endpoint: Optional[str] = None) -> tuple[
     return state, manifest, run, ckpt
 
 
-def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> dict:
+def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> StageResult:
     from llm_ray.models import build_model, count_params
 
     state, manifest, run, ckpt = load_checkpoint_state(uri, s3_endpoint)
@@ -118,9 +119,7 @@ def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> d
         "params": count_params(model),
         "bytes": os.path.getsize(os.path.join(out_dir, WEIGHTS)),
     }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    return write_summary(summary["out_dir"], summary)
 
 
 def load_exported(path: str, device: str = "cpu"):

@@ -38,10 +38,12 @@ def _has_checkpoints(run: Storage) -> bool:
     return any(n.startswith("checkpoint_") for n in run.listdir())
 
 
-def _check_resumable(run: Storage, model: dict, tok_hash: str) -> None:
-    """Refuse, before any worker starts, to resume a run written with another model or tokenizer."""
+def check_resumable(run: Storage, model: dict, tokenizer) -> None:
+    """Refuse, before Ray starts, to resume a run written with another model or tokenizer."""
+    from llm_ray.data.tokenizer import tokenizer_hash
     from llm_ray.train.checkpointing import MANIFEST, latest_complete_checkpoint, normalized_model
 
+    tok_hash = tokenizer_hash(tokenizer)
     ckpt = latest_complete_checkpoint(run)
     if ckpt is None:
         return
@@ -127,7 +129,9 @@ def prepare_source(recipe: Recipe, run: Storage):
     return tokenizer, TokenBlockSource(blocks, recipe.train.objective, recipe.train.seed, masking)
 
 
-def pretrain(recipe: Recipe) -> StageResult:
+def pretrain_job(recipe: Recipe) -> tuple["TrainJob", Storage, Storage]:
+    """(job, storage, run folder) of a pretraining recipe, every check done: what ``pretrain``
+    fits, and what a Ray Tune trial builds before it fits its own trainer (``build_trainer``)."""
     storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint)
     run = storage.child(recipe.run.name)
     if not recipe.checkpoint.resume and _has_checkpoints(run):
@@ -141,13 +145,18 @@ def pretrain(recipe: Recipe) -> StageResult:
         raise RecipeError(
             "model.vocab_size", f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()}"
         )
+    check_resumable(run, dataclasses.asdict(model_cfg), tokenizer)
     ensure_ray()
-    use_gpu = _use_gpu(recipe)
     from llm_ray.models.converters import ModelSpec
     from llm_ray.train.objective import PRETRAINING
 
     job = TrainJob(recipe, ModelSpec.of(model_cfg, seed=recipe.train.seed), PRETRAINING[recipe.train.objective](),
-                   source, tokenizer, use_gpu)
+                   source, tokenizer, _use_gpu(recipe))
+    return job, storage, run
+
+
+def pretrain(recipe: Recipe) -> StageResult:
+    job, storage, run = pretrain_job(recipe)
     return StageResult(run.uri, fit(job, storage, run))
 
 
@@ -174,7 +183,11 @@ def build_trainer(job: TrainJob, storage: Storage, run: Storage):
     from llm_ray.train.loop import train_worker
 
     recipe = job.recipe
-    _check_resumable(run, job.model.model, tokenizer_hash(job.tokenizer))
+    if storage.is_local and recipe.run.storage_path != storage.root:
+        # Ray Train workers run in a folder of their own: a relative path would put the
+        # COMPLETE markers and metrics there instead of in the run folder.
+        recipe = recipe.replace(f"run.storage_path={storage.root}")
+    check_resumable(run, job.model.model, job.tokenizer)  # again: a Tune trial may call this directly
     run.write_text("recipe.yaml", recipe.to_yaml())
     run.write_text("tokenizer.json", job.tokenizer.to_str())
     p = recipe.parallel
@@ -184,7 +197,7 @@ def build_trainer(job: TrainJob, storage: Storage, run: Storage):
             "recipe": recipe.to_dict(),
             "model_spec": job.model,
             "objective": job.objective,
-            "recipe_hash": recipe.hash(),
+            "recipe_hash": job.recipe.hash(),  # the recipe as the user wrote it
             "tokenizer_hash": tokenizer_hash(job.tokenizer),
             "source": ray.put(job.source),
         },

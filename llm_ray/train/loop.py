@@ -8,6 +8,7 @@ trainer's config as a ``ModelSpec`` (``models/converters.py``) and an objective
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Iterator, Optional
 import numpy as np
@@ -107,10 +108,20 @@ def _build_frozen(objective, device: torch.device, precision: str) -> dict[str, 
             for name, spec in objective.frozen_models().items()}
 
 
+def _stdout_to_stderr() -> None:
+    """A stage command's last line of standard output is its output folder, and Ray forwards a
+    worker's standard output to the driver's: worker chatter (DeepSpeed's logger writes to
+    stdout) could land after that line. Everything this process writes goes to stderr instead."""
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
 def train_worker(config: dict) -> None:
     """Entry point of each Ray Train worker; ``config`` comes from ``launcher.build_trainer``."""
     import ray
     import ray.train
+
+    _stdout_to_stderr()
 
     recipe = from_dict(Recipe, config["recipe"])
     spec, objective = config["model_spec"], config["objective"]

@@ -20,8 +20,9 @@ FILES = ("metrics.jsonl", "tensorboard")
 
 
 class MetricsLogger:
-    """``metrics.jsonl`` gets every step (resume and loss comparisons read it); TensorBoard,
-    the progress bar's text and the log line without a bar every ``log_every`` steps."""
+    """``metrics.jsonl`` and TensorBoard get every step (cheap, and resume and loss comparisons
+    read them); the progress bar's text, or the log line when there is no bar, every
+    ``train.log_every`` steps (and the first and last)."""
 
     def __init__(self, run: Storage, start_step: int, total_steps: int, progress_bar: bool = True,
                  log_every: int = 1, desc: str = "train"):
@@ -53,18 +54,19 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.jsonl.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, step)
         due = step % self.log_every == 0 or step == 1 or step == self.total
-        if due:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, step)
         loss = metrics.get("loss", float("nan"))
         if self.bar is not None:
             if due:
                 self.bar.set_description(f"{self.desc} loss {loss:.4f}")
             self.bar.update(1)
         elif due:
-            print(f"{self.desc} step {step}/{self.total} loss {loss:.4f}", file=sys.stderr, flush=True)
+            # written, not print()ed: Ray Train V2 patches print in workers and would log it twice
+            sys.stderr.write(f"{self.desc} step {step}/{self.total} loss {loss:.4f}\n")
+            sys.stderr.flush()
 
     def sync(self) -> None:
         self.writer.flush()

@@ -44,8 +44,9 @@ class TunedRun:
 
     def train(self, spec: ModelSpec, objective, source) -> dict:
         """Run the engine on ``source`` with ``objective``; returns the run's summary."""
-        from llm_ray.train.launcher import TrainJob, _use_gpu, ensure_ray, fit
+        from llm_ray.train.launcher import TrainJob, _use_gpu, check_resumable, ensure_ray, fit
 
+        check_resumable(self.run, spec.model, self.bundle.tokenizer)  # before Ray starts
         ensure_ray()
         job = TrainJob(self.recipe, spec, objective, source, self.bundle.tokenizer, _use_gpu(self.recipe))
         return fit(job, self.storage, self.run)
