@@ -174,7 +174,7 @@ def test_rerun_does_no_work_and_changes_nothing(prepared, bucket, s3_endpoint, t
 
     before = _objects(s3_endpoint, bucket, "prepared/")
     started = time.time()
-    again = prepare(_prepare_recipe(bucket, s3_endpoint, tmp_path, tokenizer_paths["bpe"]))
+    again = prepare(_prepare_recipe(bucket, s3_endpoint, tmp_path, tokenizer_paths["bpe"])).summary
     assert again["skipped"] is True
     assert time.time() - started < 10
     assert _objects(s3_endpoint, bucket, "prepared/") == before
