@@ -105,13 +105,10 @@ def cmd_bench_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     from llm_ray.config.eval import load_eval_spec
-    from llm_ray.eval.report import flat_metrics
-    from llm_ray.eval.run import run_eval
+    from llm_ray.eval.run import eval_stage
 
     spec = load_eval_spec(args.spec, args.set)  # validated before the model loads
-    report = run_eval(spec, args.out)
-    print(json.dumps(flat_metrics(report), indent=2))
-    print(args.out)
+    _print_result(eval_stage(spec, args.out))
 
 
 def cmd_demo(args) -> None:

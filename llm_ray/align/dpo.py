@@ -25,24 +25,29 @@ def reference_kind(recipe: Recipe) -> str:
     return kind
 
 
-def pair_logps(spec, arrays: dict[str, np.ndarray], average: bool) -> dict[str, np.ndarray]:
-    """{"chosen", "rejected"}: sequence log-probs (N,) of each side under the model ``spec`` builds."""
+def pair_logps(spec, arrays: dict[str, np.ndarray], average: bool, precision: str = "fp32") -> dict[str, np.ndarray]:
+    """{"chosen", "rejected"}: sequence log-probs (N,) of each side under the model ``spec``
+    builds, run in ``precision`` (``auto`` is resolved here, as a training worker would)."""
     from llm_ray.align.evaluate import logps_of
-    from llm_ray.train.device import local_device
+    from llm_ray.train.device import DTYPES, local_device, resolve_precision
 
     device = local_device()
-    model = spec.build().to(device).eval()
+    if precision == "auto":
+        precision = resolve_precision("auto", device)[0]
+    model = spec.build().to(device=device, dtype=DTYPES[precision]).eval()
     return {side: logps_of(model, arrays[f"{side}_input_ids"], arrays[f"{side}_labels"], device,
-                                          average=average).astype(np.float32)
+                           average=average).astype(np.float32)
             for side in ("chosen", "rejected")}
 
 
 def precompute_reference(spec, arrays: dict, average: bool, recipe: Recipe, use_gpu: bool) -> dict[str, np.ndarray]:
-    """The reference's ``pair_logps`` in one Ray task with a worker's resources (a GPU when training has them)."""
+    """The reference's ``pair_logps`` in one Ray task with a worker's resources (a GPU when
+    training has them) and the training precision, so they match a frozen copy's."""
     import ray
 
     task = ray.remote(num_cpus=recipe.parallel.cpus_per_worker, num_gpus=1 if use_gpu else 0)(pair_logps)
-    logps = ray.get(task.remote(spec, {k: v for k, v in arrays.items() if k.endswith(("input_ids", "labels"))}, average))
+    rows = {k: v for k, v in arrays.items() if k.endswith(("input_ids", "labels"))}
+    logps = ray.get(task.remote(spec, rows, average, recipe.train.precision))
     return {f"ref_{side}_logps": v for side, v in logps.items()}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Optional
 
@@ -9,6 +11,7 @@ import torch
 
 from llm_ray.config.eval import EvalSpec
 from llm_ray.eval.report import write_reports
+from llm_ray.stage import SUMMARY, StageResult
 from llm_ray.eval.tasks import run_task
 from llm_ray.train.device import local_device
 
@@ -68,3 +71,10 @@ def run_eval(spec: EvalSpec, out_dir: str, bundle=None) -> dict:
     }
     write_reports(report, out_dir)
     return report
+
+
+def eval_stage(spec: EvalSpec, out_dir: str) -> StageResult:
+    """``llm-ray eval`` as a stage: the report folder and its summary (model, flat metrics)."""
+    run_eval(spec, out_dir)
+    with open(os.path.join(out_dir, SUMMARY)) as f:
+        return StageResult(os.path.abspath(out_dir), json.load(f))
