@@ -110,6 +110,7 @@ def score(model_dir: str, prompts: Sequence[Prompt], responses: Sequence[str], d
     """Rewards of ``responses`` to ``prompts`` (strings or message lists) under a reward-model
     folder, rendered with its chat template exactly as in training (prompt's end and
     response's start kept when too long). For the PPO issue's reward actors."""
+    from llm_ray.align.evaluate import rewards_of
     from llm_ray.bundle import load_bundle, load_classifier
     from llm_ray.data.preference import encode_response
     from llm_ray.data.sft import ChatTemplate
@@ -129,6 +130,4 @@ def score(model_dir: str, prompts: Sequence[Prompt], responses: Sequence[str], d
         ids, _, n, _, _ = encode_response(messages, response, template, folder.tokenizer, seq_len, pad_id, seq_len // 2)
         rows.append(ids)
         lengths.append(n)
-    from llm_ray.align.evaluate import rewards_of
-
     return rewards_of(model, np.stack(rows), np.asarray(lengths, np.int64), device, batch_size).tolist()

@@ -1,7 +1,7 @@
-"""The model folder: the one on-disk form every later stage reads (generate, eval, sft, serve).
+"""The model folder: the one on-disk form every later stage reads (generate, eval, sft, reward, dpo, serve).
 
     folder.py    ModelBundle, load_bundle / save_bundle, resolve_model_path, the file names
-    heads.py     save_classifier / load_classifier (a model folder plus the classifier head)
+    heads.py     save_classifier / load_classifier (a model folder plus a classifier or reward head)
     packaged.py  the packaged models (``smollm2``, ``minilm``) and the converted-model cache
     hf.py        import_hf / export_hf: Hugging Face checkpoints in and out of model folders
 

@@ -1,4 +1,5 @@
-"""Transformer models: decoder LM (GPT-2/Llama shapes, optional MoE) and BERT-style encoder.
+"""Transformer models: decoder LM (GPT-2/Llama shapes, optional MoE) and BERT-style encoder,
+sequence heads (classifier, reward), LoRA, the model converters and the losses.
 
 Imports only torch and ``llm_ray.config``: parallelism (DeepSpeed, pipeline stages) is applied
 to these modules from outside.

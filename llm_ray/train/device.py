@@ -98,8 +98,13 @@ def compare_cpu_precisions(device: torch.device) -> tuple[str, dict[str, float]]
     assumed: bf16 wins only where it multiplies clearly faster than fp32.
     """
     rates = {name: measure_matmul_tflops(device, DTYPES[name], seconds=0.5) for name in ("bf16", "fp32")}
-    # 1.2x margin: bf16 costs accuracy, so it must clearly pay for itself.
-    return ("bf16" if rates["bf16"] >= 1.2 * rates["fp32"] else "fp32"), rates
+    return cpu_precision_for(rates), rates
+
+
+def cpu_precision_for(rates: dict[str, float]) -> str:
+    """bf16 where its measured matmul rate beats fp32's by 1.2x (bf16 costs accuracy, so it
+    must clearly pay for itself), else fp32."""
+    return "bf16" if rates["bf16"] >= 1.2 * rates["fp32"] else "fp32"
 
 
 def pick_inference_dtype(name: str, device: torch.device) -> torch.dtype:

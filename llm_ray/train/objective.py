@@ -11,6 +11,7 @@ Losses themselves are tensor functions in ``llm_ray.models.losses``.
 
 from __future__ import annotations
 
+import abc
 from typing import Mapping
 
 import torch
@@ -22,7 +23,7 @@ from llm_ray.models.losses import token_cross_entropy
 Metrics = dict[str, torch.Tensor]
 
 
-class Objective:
+class Objective(abc.ABC):
     """Base class. Subclasses set ``name`` and ``batch_fields`` and implement ``loss``."""
 
     name = "objective"
@@ -40,14 +41,12 @@ class Objective:
         if missing:
             raise KeyError(f"objective {self.name} needs batch fields {missing}; the source gave {sorted(batch)}")
 
+    @abc.abstractmethod
     def loss(self, engine, batch: dict[str, torch.Tensor], frozen: dict[str, nn.Module]) -> tuple[torch.Tensor, Metrics]:
-        raise NotImplementedError
+        """(scalar loss to back-propagate, scalar metric tensors averaged and logged by the loop)."""
 
-    def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"objective {self.name} cannot run on pipeline stages")
-
-    def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> tuple:
-        raise NotImplementedError(f"objective {self.name} cannot run on pipeline stages")
+    # Pipeline stages: only objectives with ``supports_pipeline`` define ``pipeline_loss(outputs,
+    # labels)`` and ``pipeline_inputs(batch) -> (inputs, labels)``; ``build_engine`` checks.
 
 
 class CausalLM(Objective):
