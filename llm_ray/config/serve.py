@@ -62,6 +62,7 @@ class ServeConfig:
     request_timeout_s: float = 120.0  # per request, queueing included; beyond: 408
     stream_interval_ms: float = 50.0  # streamed tokens within this interval go in one chunk (first token at once)
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
+    max_request_bytes: int = 4 * 1024 * 1024  # larger request bodies are answered 413
     api_keys: list[str] = field(default_factory=list)  # Bearer keys; empty (and no env) = open
     api_keys_env: str = ""  # name of an env var with comma-separated keys (keeps keys out of YAML)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where matmuls are fast in it
@@ -84,6 +85,7 @@ class ServeConfig:
         _check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
         _check(self.stream_interval_ms >= 0, "stream_interval_ms", "must be >= 0 (0 = every token as it comes)")
         _check(self.default_max_tokens >= 1, "default_max_tokens", "must be >= 1")
+        _check(self.max_request_bytes >= 1024, "max_request_bytes", "must be >= 1024")
         _check(all(isinstance(k, str) and k for k in self.api_keys), "api_keys", "must be non-empty strings")
         _check(self.cpus_per_replica >= 0, "cpus_per_replica", "must be >= 0")
         _check(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")

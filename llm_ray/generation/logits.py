@@ -14,10 +14,15 @@ call it)::
     generators  list of B ``torch.Generator`` or None (None = torch's global RNG); a row with its
                 own generator samples the same tokens whatever else is in the batch
 
-    make_generators(params, device) -> list[torch.Generator | None]   (seeded per row)
-    process_logits(logits, params, history, history_mask=None) -> (B, V) processed logits
+    outputs     the generated ids per row (list of B lists), for presence/frequency penalties
 
-Order of operations is Hugging Face ``generate``'s: repetition penalty (a logits processor),
+    make_generators(params, device) -> list[torch.Generator | None]   (seeded per row)
+    process_logits(logits, params, history, history_mask=None, outputs=None) -> (B, V) scores
+    choose_tokens(scores, params, generators) -> (B,) ids
+    chosen_logprobs(logits, scores, ids, top_n) -> model and sampler log-probs of the ids
+
+Order of operations: OpenAI's logit bias, then Hugging Face ``generate``'s repetition penalty,
+OpenAI's presence/frequency penalties (logits processors),
 then temperature, top-k, top-p (the warpers), then argmax or a draw from softmax. Each rule
 matches the corresponding ``transformers`` class (``RepetitionPenaltyLogitsProcessor``,
 ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``); they are written out
@@ -106,31 +111,67 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """OpenAI ``logit_bias``: each row's {token id: bias} added to its logits; ids past the
+    vocabulary are ignored (the serving layer refuses them first). (B, V) -> (B, V)"""
+    rows = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    V = logits.shape[1]
+    bias = torch.zeros_like(logits)
+    for i, b in rows:
+        ids = [t for t in b if t < V]
+        bias[i, ids] = torch.tensor([b[t] for t in ids], dtype=logits.dtype, device=logits.device)
+    return logits + bias
+
+
+def apply_presence_frequency(logits: torch.Tensor, params: list[SamplingParams], outputs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """OpenAI's penalties over the GENERATED tokens (as vLLM; the prompt does not count):
+    logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty. (B, V)"""
+    B, V = logits.shape
+    dev = logits.device
+    counts = torch.zeros(B, V, dtype=logits.dtype, device=dev)
+    for i, out in enumerate(outputs):
+        if out:
+            ids = torch.tensor(list(out), dtype=torch.long, device=dev).clamp(max=V - 1)
+            counts[i].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype, device=dev))
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=dev).unsqueeze(1)
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=dev).unsqueeze(1)
+    return logits - counts * freq - (counts > 0).to(logits.dtype) * pres
+
+
 def process_logits(
     logits: torch.Tensor,
     params: Union[SamplingParams, Sequence[SamplingParams]],
     history: History = None,
     history_mask: Optional[torch.Tensor] = None,
+    outputs: Optional[Sequence[Sequence[int]]] = None,
 ) -> torch.Tensor:
-    """Repetition penalty, then (sampled rows only) temperature, top-k, top-p. (B, V) -> (B, V).
+    """Logit bias, repetition penalty, presence/frequency penalties (over ``outputs``, the
+    generated ids per row), then (sampled rows only) temperature, top-k, top-p. (B, V) -> (B, V).
 
-    Greedy rows get only the repetition penalty: HF, too, applies no warper without sampling.
+    Greedy rows get only the bias and penalties: HF, too, applies no warper without sampling.
+    Temperature divides ``logits - max`` so that a tiny temperature gives a peaked but finite
+    distribution instead of inf - inf = NaN.
     """
     B = logits.shape[0]
     params = _as_list(params, B)
     dev = logits.device
-    logits = logits.float()  # softmax and cumsum in fp32 whatever the model's dtype
+    logits = apply_logit_bias(logits.float(), params)  # softmax and cumsum in fp32 whatever the model's dtype
     penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
     if history is not None and bool((penalty != 1.0).any()):
         if not isinstance(history, torch.Tensor):
             history, history_mask = _history_tensor(history, B, dev)
         logits = apply_repetition_penalty(logits, history.to(dev), penalty, history_mask)
+    if outputs is not None and any(p.presence_penalty or p.frequency_penalty for p in params):
+        logits = apply_presence_frequency(logits, params, outputs)
     sampled = [not p.greedy for p in params]
     if not any(sampled):
         return logits
     temp = torch.tensor([p.temperature if s else 1.0 for p, s in zip(params, sampled)], device=dev)
-    logits = logits / temp.unsqueeze(1)
-    top_k = torch.tensor([p.top_k if s else 0 for p, s in zip(params, sampled)], device=dev)
+    top = logits.max(dim=-1, keepdim=True).values  # (B, 1)
+    logits = (logits - top) / temp.unsqueeze(1)
+    top_k = torch.tensor([min(p.top_k, logits.shape[1]) if s else 0 for p, s in zip(params, sampled)], device=dev)
     logits = apply_top_k(logits, top_k)
     top_p = torch.tensor([p.top_p if s else 1.0 for p, s in zip(params, sampled)], device=dev)
     return apply_top_p(logits, top_p)
@@ -147,7 +188,7 @@ def make_generators(
             out.append(None)
         else:
             g = torch.Generator(device=device)
-            g.manual_seed(p.seed)
+            g.manual_seed(p.seed % 2**64)  # manual_seed takes [0, 2**64); OpenAI seeds are any int
             out.append(g)
     return out
 
@@ -158,11 +199,20 @@ def select_next_tokens(
     history: History = None,
     generators: Optional[Sequence[Optional[torch.Generator]]] = None,
     history_mask: Optional[torch.Tensor] = None,
+    outputs: Optional[Sequence[Sequence[int]]] = None,
 ) -> torch.Tensor:
     """(B, V) last-position logits -> (B,) next token ids, each row by its own params."""
-    B = logits.shape[0]
+    return choose_tokens(process_logits(logits, _as_list(params, logits.shape[0]), history, history_mask, outputs), params, generators)
+
+
+def choose_tokens(
+    scores: torch.Tensor,
+    params: Union[SamplingParams, Sequence[SamplingParams]],
+    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+) -> torch.Tensor:
+    """(B, V) processed scores -> (B,) ids: argmax for greedy rows, one draw for sampled rows."""
+    B = scores.shape[0]
     params = _as_list(params, B)
-    scores = process_logits(logits, params, history, history_mask)  # (B, V) fp32
     next_ids = scores.argmax(dim=-1)  # greedy rows keep this
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -174,3 +224,19 @@ def select_next_tokens(
             g = generators[i] if generators is not None else None
             next_ids[i] = torch.multinomial(probs[j], 1, generator=g)[0]
     return next_ids
+
+
+def chosen_logprobs(
+    logits: torch.Tensor, scores: torch.Tensor, next_ids: torch.Tensor, top_n: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """Log-probs of the chosen tokens: under the model (``log_softmax(logits)``, what OpenAI's
+    ``logprobs`` report) and under the distribution they were drawn from (``log_softmax`` of the
+    processed ``scores``: temperature, top-k/p, penalties; what an RL trainer needs to correct for
+    the sampler). Returns (B,) model, (B,) sampler, and the ``top_n`` most likely model tokens
+    ((B, top_n) log-probs, (B, top_n) ids) or None.
+    """
+    model_lp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    sampler_lp = torch.log_softmax(scores.float(), dim=-1)
+    idx = next_ids.unsqueeze(1)
+    top = torch.topk(model_lp, top_n, dim=-1) if top_n > 0 else None
+    return model_lp.gather(1, idx)[:, 0], sampler_lp.gather(1, idx)[:, 0], (None if top is None else (top.values, top.indices))

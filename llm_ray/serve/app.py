@@ -23,6 +23,8 @@ import time
 from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
@@ -35,8 +37,10 @@ from llm_ray.serve.openai_api import (
     CompletionRequest,
     bad_request,
     chat_chunk,
+    chat_logprobs,
     chat_response,
     completion_chunk,
+    completion_logprobs,
     completion_response,
     models_list,
     new_id,
@@ -53,6 +57,26 @@ api = FastAPI(title="llm-ray", description="OpenAI-compatible endpoint (continuo
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+_HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (unknown route 404, wrong method 405, ...) in OpenAI's shape."""
+    messages = {404: f"unknown route {request.method} {request.url.path}", 405: f"method {request.method} is not allowed on {request.url.path}"}
+    message = messages.get(exc.status_code, str(exc.detail))
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    body = APIError(exc.status_code, message, _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code=code).body()
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = (exc.errors() or [{}])[0]
+    param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
+    return JSONResponse(APIError(422, f"{param}: {err.get('msg', 'invalid request')}", param=param).body(), status_code=422)
 
 
 @api.exception_handler(Exception)
@@ -135,7 +159,23 @@ class LLMServer:
 
     def _encode(self, text: str, chat: bool) -> list[int]:
         # As llm_ray.generation.generate: a rendered chat already holds its special tokens.
-        return self.tokenizer.encode(text, add_special_tokens=not chat).ids
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=not chat).ids
+        except Exception as e:  # the request's text, not the server: 400
+            raise bad_request(f"{'messages' if chat else 'prompt'}: the tokenizer cannot encode this text: {e}", param="messages" if chat else "prompt") from None
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with 413 past ``max_request_bytes`` (before reading it all)."""
+        limit = self.cfg.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="request_too_large")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        return body
 
     def _plan(self, req, prompt_ids: list[int], requested: Optional[int]):
         """Validate the prompt against the context; SamplingParams for the engine."""
@@ -159,11 +199,11 @@ class LLMServer:
         except ValueError as e:  # SamplingParams names the field first: "top_p: ..."
             raise bad_request(str(e), param=str(e).split(":", 1)[0]) from None
 
-    def _submit(self, prompt_ids: list[int], params, ignore_eos: bool = False):
+    def _submit(self, prompt_ids: list[int], params: list, ignore_eos: bool = False, request_id: str = ""):
         from llm_ray.serve.engine import PromptTooLongError, QueueFullError
 
         try:
-            return self.engine.submit(prompt_ids, params, ignore_eos=ignore_eos)
+            return self.engine.submit_n(prompt_ids, params, ignore_eos=ignore_eos, request_id=request_id)
         except QueueFullError as e:
             self.metrics.on_rejected()
             raise APIError(
@@ -176,59 +216,127 @@ class LLMServer:
         except PromptTooLongError as e:
             raise bad_request(str(e), param="max_tokens", code="context_length_exceeded") from None
 
-    async def _generate(self, seq, stream_text) -> AsyncIterator[str]:
-        """Text deltas of ``seq`` until it ends or its deadline passes (then aborts it)."""
+    async def _generate(self, seq, stream_text) -> AsyncIterator[tuple[str, int]]:
+        """(text delta, tokens consumed so far) of ``seq`` until it ends or its deadline passes
+        (then aborts it). A failure of this request alone in the engine is a 500 for it alone."""
         from llm_ray.serve.engine import RequestTimeoutError
 
         try:
             deadline = seq.arrival + self.cfg.request_timeout_s
+            consumed = 0
             async for batch in self.engine.token_batches(seq, deadline, self.cfg.stream_interval_ms / 1000):
                 delta = "".join(stream_text.push(tok) for tok in batch)  # push is a no-op once stopped
+                consumed += len(batch)
                 if delta:
-                    yield delta
+                    yield delta, consumed
                 if stream_text.stopped:  # a stop string: the engine may stop this sequence
                     seq.finish_reason = "stop"
                     break
             if seq.finish_reason == "error":
-                raise APIError(500, "generation failed in the engine", "server_error")
+                raise APIError(500, f"generation failed in the engine for request {seq.request_id}: {seq.error}", "server_error")
             tail = stream_text.finish()
             if tail:
-                yield tail
+                yield tail, consumed
         except RequestTimeoutError:
             raise APIError(408, f"request timed out after {self.cfg.request_timeout_s}s", "timeout", code="timeout") from None
         finally:
             self.engine.abort(seq)  # frees a running row (timeout, stop string); no-op once finished
 
+    def _logprob_entries(self, seq, start: int, stop: int) -> list:
+        """(token text, log-prob, [(alternative text, log-prob)]) of output tokens start..stop."""
+        dec = self.tokenizer.decode
+        n = min(stop, len(seq.logprobs))
+        return [
+            (dec([seq.output_ids[i]]), seq.logprobs[i], [(dec([t]), lp) for t, lp in seq.top_logprobs[i]])
+            for i in range(start, n)
+        ]
+
+    def _logprobs_obj(self, seq, chat: bool, start: int, stop: int, offset: int = 0) -> Optional[dict]:
+        if seq.params.logprobs is None:
+            return None
+        entries = self._logprob_entries(seq, start, stop)
+        return chat_logprobs(entries) if chat else completion_logprobs(entries, offset)
+
+    @staticmethod
+    def _finish(seq, stream_text) -> str:
+        return "stop" if stream_text.stopped else (seq.finish_reason or "stop")
+
     async def _respond(self, req, prompt_ids: list[int], requested: Optional[int], chat: bool):
+        import asyncio
+
         from llm_ray.serve.text_stream import TextStream
 
+        if req.n > self.cfg.max_batch_size:
+            raise bad_request(f"n: at most {self.cfg.max_batch_size} choices per request on this endpoint (its batch size), got {req.n}", param="n")
+        vocab = self.bundle.cfg.vocab_size
+        bad = [k for k in (req.logit_bias or {}) if int(k) >= vocab]
+        if bad:
+            raise bad_request(f"logit_bias: token id {bad[0]} is not in this model's vocabulary [0, {vocab})", param="logit_bias")
         params = self._plan(req, prompt_ids, requested)
-        seq = self._submit(prompt_ids, params, req.ignore_eos)
-        stream_text = TextStream(self.tokenizer, params.stop)
         rid = new_id("chatcmpl" if chat else "cmpl")
+        if req.user:
+            logger.info("request %s from user %r", rid, req.user)
+        seqs = self._submit(prompt_ids, [params.replace(seed=None if req.seed is None else req.seed + i) for i in range(req.n)], req.ignore_eos, rid)
+        streams = [TextStream(self.tokenizer, params.stop) for _ in seqs]
         name = self.model_name
+        fingerprint = f"llm-ray-w{self.engine.weight_version}"
+
         if not req.stream:
-            async for _ in self._generate(seq, stream_text):
-                pass
+            async def run(seq, st):
+                async for _ in self._generate(seq, st):
+                    pass
+
+            try:
+                await asyncio.gather(*(run(q, st) for q, st in zip(seqs, streams)))
+            finally:
+                for q in seqs:
+                    self.engine.abort(q)
+            choices = [
+                {"index": i, "text": st.final_text(), "finish_reason": self._finish(q, st), "logprobs": self._logprobs_obj(q, chat, 0, len(q.output_ids))}
+                for i, (q, st) in enumerate(zip(seqs, streams))
+            ]
             make = chat_response if chat else completion_response
-            finish = "stop" if stream_text.stopped else (seq.finish_reason or "stop")
-            return JSONResponse(make(rid, name, stream_text.final_text(), finish, len(prompt_ids), len(seq.output_ids)))
+            return JSONResponse(make(rid, name, choices, len(prompt_ids), sum(len(q.output_ids) for q in seqs), fingerprint))
 
         async def events():
+            merged: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i, seq, st):  # one choice's deltas into the shared queue
+                sent, chars = 0, 0
+                try:
+                    async for delta, consumed in self._generate(seq, st):
+                        lp = self._logprobs_obj(seq, chat, sent, consumed, chars)
+                        sent, chars = consumed, chars + len(delta)
+                        merged.put_nowait((i, delta, lp, None))
+                    merged.put_nowait((i, "", None, self._finish(seq, st)))
+                except APIError as e:
+                    merged.put_nowait((i, None, None, e))
+
+            tasks = [asyncio.ensure_future(pump(i, q, st)) for i, (q, st) in enumerate(zip(seqs, streams))]
             try:
                 if chat:
-                    yield sse(chat_chunk(rid, name, {"role": "assistant", "content": ""}, None))
-                async for delta in self._generate(seq, stream_text):
-                    yield sse(chat_chunk(rid, name, {"content": delta}, None) if chat else completion_chunk(rid, name, delta, None))
-                finish = "stop" if stream_text.stopped else (seq.finish_reason or "stop")
-                yield sse(chat_chunk(rid, name, {}, finish) if chat else completion_chunk(rid, name, "", finish))
+                    for i in range(len(seqs)):
+                        yield sse(chat_chunk(rid, name, i, {"role": "assistant", "content": ""}, None))
+                done = 0
+                while done < len(seqs):
+                    i, delta, lp, end = await merged.get()
+                    if isinstance(end, APIError):  # headers are gone: the error travels as an event
+                        yield sse(end.body())
+                        done += 1
+                        continue
+                    if end is not None:
+                        done += 1
+                        yield sse(chat_chunk(rid, name, i, {}, end) if chat else completion_chunk(rid, name, i, "", end))
+                    else:
+                        yield sse(chat_chunk(rid, name, i, {"content": delta}, None, lp) if chat else completion_chunk(rid, name, i, delta, None, lp))
                 if req.include_usage:
                     obj = "chat.completion.chunk" if chat else "text_completion"
-                    yield sse(usage_chunk(rid, name, obj, len(prompt_ids), len(seq.output_ids)))
-            except APIError as e:  # headers are gone: the error travels as an event
-                yield sse(e.body())
+                    yield sse(usage_chunk(rid, name, obj, len(prompt_ids), sum(len(q.output_ids) for q in seqs)))
             finally:
-                self.engine.abort(seq)  # client disconnected or done: free the batch slot
+                for t in tasks:
+                    t.cancel()
+                for q in seqs:
+                    self.engine.abort(q)  # client disconnected or done: free the batch slots
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -248,7 +356,7 @@ class LLMServer:
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         self._authorize(request)
-        req = parse_request(await request.body(), CompletionRequest)
+        req = parse_request(await self._body(request), CompletionRequest)
         self._check_model(req)
         prompt_ids = list(req.prompt) if isinstance(req.prompt, list) else self._encode(req.prompt, chat=False)
         if isinstance(req.prompt, list) and any(not (0 <= t < self.bundle.cfg.vocab_size) for t in prompt_ids):
@@ -258,7 +366,7 @@ class LLMServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._authorize(request)
-        req = parse_request(await request.body(), ChatCompletionRequest)
+        req = parse_request(await self._body(request), ChatCompletionRequest)
         self._check_model(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:

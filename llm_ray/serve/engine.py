@@ -11,8 +11,20 @@ An asyncio task owns the loop; each iteration runs one ``_step`` in a single wor
 4. hand each new token to its request's asyncio queue; retire finished or aborted sequences
    (their cache rows leave, padding-only columns are trimmed).
 
-Token choice is ``llm_ray.generation.logits.select_next_tokens`` with each row's own
-``SamplingParams`` and generator, so a request gets the tokens it would get alone.
+Token choice is ``llm_ray.generation.logits`` with each row's own ``SamplingParams`` and
+generator, so a request gets the tokens it would get alone. Identical prompts admitted in the
+same step (the ``n`` samples of one request) are prefilled once and their cache row copied.
+
+Fault isolation: a failure in one row's token choice (its parameters, its logits processors)
+fails that request alone (``finish_reason`` "error", the cause in ``seq.error``); a failing
+prefill is retried row by row so only the rows that fail alone fail. Only a decode forward
+that fails for the whole batch (out of memory, a broken model) stops the engine (``error``
+set: ``/health`` turns red and Serve replaces the replica).
+
+Rollout worker (RL): ``generate`` returns tokens with their log-probs under the model and
+under the sampler, tagged with ``weight_version``; ``update_weights(version, tensors)`` swaps
+the weights between steps, letting sequences in flight finish on the old version ("finish") or
+preempting them for a re-run on the new one ("rerun"; ``generate`` re-submits them itself).
 """
 
 from __future__ import annotations
@@ -21,16 +33,22 @@ import asyncio
 import collections
 import concurrent.futures
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Literal, Mapping, Optional
 
 import torch
 
 from llm_ray.generation.api import left_pad
 from llm_ray.generation.config import SamplingParams
-from llm_ray.generation.logits import make_generators, select_next_tokens
+from llm_ray.generation.logits import choose_tokens, chosen_logprobs, make_generators, process_logits
 from llm_ray.serve.batch_cache import BatchKVCache
+
+logger = logging.getLogger("ray.serve")
+
+# A per-request logits processor (vLLM's v0 signature): (generated ids, (V,) logits) -> (V,) logits.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 class QueueFullError(RuntimeError):
@@ -58,12 +76,34 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: Optional[float] = None
-    finish_reason: Optional[str] = None  # "stop" (eos / stop id), "length", "abort"
+    finish_reason: Optional[str] = None  # "stop" (eos / stop id), "length", "abort", "error", "preempted"
     aborted: bool = False
+    request_id: str = ""  # for logs (the HTTP layer's completion id)
+    processors: list = field(default_factory=list)  # LogitsProcessor per request
+    group_size: int = 1  # the n sequences of one request are admitted together
+    weight_version: int = 0  # the weights that produced output_ids
+    error: Optional[str] = None  # why this request failed (finish_reason "error")
+    # Per output token (filled when params.logprobs is not None): log-prob under the model,
+    # under the sampler's distribution, and the params.logprobs most likely (id, log-prob).
+    logprobs: list[float] = field(default_factory=list)
+    sampler_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def last_token(self) -> int:
         return self.output_ids[-1]
+
+
+@dataclass
+class RolloutOutput:
+    """One finished sample for an RL trainer."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]  # under the model (log_softmax of its logits)
+    sampler_logprobs: list[float]  # under the distribution the token was drawn from
+    finish_reason: str
+    weight_version: int
 
 
 @dataclass
@@ -120,37 +160,66 @@ class ContinuousBatchingEngine:
         self.steps = 0
         self.last_batch_size = 0  # rows in the latest decode forward (metrics)
         self.error: Optional[BaseException] = None  # set if the loop died: health turns red
+        self.weight_version = 0
+        self._paused = False  # update_weights: admit nobody until the swap is done
+        self._preempt = False  # update_weights(rerun): end the rows in flight at the next step
 
     # -- requests ---------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, ignore_eos: bool = False) -> Sequence:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        ignore_eos: bool = False,
+        request_id: str = "",
+        processors: Optional[list[LogitsProcessor]] = None,
+    ) -> Sequence:
         """Queue a request; raises QueueFullError when ``max_queue`` requests already wait.
 
         ``ignore_eos`` (benchmarks): generate exactly ``max_new_tokens`` whatever the model says.
         """
+        return self.submit_n(prompt_ids, [params], ignore_eos, request_id, processors)[0]
+
+    def submit_n(
+        self,
+        prompt_ids: list[int],
+        params: list[SamplingParams],
+        ignore_eos: bool = False,
+        request_id: str = "",
+        processors: Optional[list[LogitsProcessor]] = None,
+    ) -> list[Sequence]:
+        """Queue ``len(params)`` samples of one prompt, admitted together, prefilled once."""
         if not prompt_ids:
             raise PromptTooLongError("prompt: must hold at least one token")
-        if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
+        longest = max(p.max_new_tokens for p in params)
+        if len(prompt_ids) + longest > self.max_seq_len:
             raise PromptTooLongError(
                 f"this model's maximum context length is {self.max_seq_len} tokens, but the prompt has "
-                f"{len(prompt_ids)} tokens and max_tokens is {params.max_new_tokens}"
+                f"{len(prompt_ids)} tokens and max_tokens is {longest}"
             )
+        if len(params) > self.max_batch_size:
+            raise ValueError(f"n: at most {self.max_batch_size} samples per request (the batch size), got {len(params)}")
         if self.error is not None:
             raise RuntimeError(f"engine stopped: {self.error!r}")
         free_slots = self.max_batch_size - len(self.active)
-        if len(self.waiting) >= self.max_queue + max(free_slots, 0):
+        if len(self.waiting) + len(params) > self.max_queue + max(free_slots, 0):
             raise QueueFullError(f"{len(self.waiting)} requests are waiting for a batch slot")
         self._ensure_loop()
-        seq = Sequence(
-            id=next(self._ids),
-            prompt_ids=list(prompt_ids),
-            params=params,
-            stop_ids=(frozenset() if ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids),
-            generator=make_generators([params], self.device)[0],
-            queue=asyncio.Queue(),
-        )
-        self.waiting.append(seq)
+        seqs = []
+        for p in params:
+            seqs.append(Sequence(
+                id=next(self._ids),
+                prompt_ids=list(prompt_ids),
+                params=p,
+                stop_ids=(frozenset() if ignore_eos else self.eos_ids) | frozenset(p.stop_token_ids),
+                generator=make_generators([p], self.device)[0],
+                queue=asyncio.Queue(),
+                request_id=request_id,
+                processors=list(processors or []),
+                group_size=len(params),
+            ))
+        self.waiting.extend(seqs)
         self._wake.set()
-        return seq
+        return seqs
 
     def abort(self, seq: Sequence) -> None:
         """Stop generating for ``seq`` (client gone, timeout, stop string found)."""
@@ -208,6 +277,71 @@ class ContinuousBatchingEngine:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
+    # -- rollout worker API (in-process) ----------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: list[SamplingParams], ignore_eos: bool = False) -> list[RolloutOutput]:
+        """``len(params)`` samples of one prompt with per-token log-probs and the weight version.
+
+        A sample preempted by ``update_weights(..., in_flight="rerun")`` is generated again on
+        the new weights, so every output comes whole from one version.
+        """
+        params = [p if p.logprobs is not None else p.replace(logprobs=0) for p in params]
+        outs: list[Optional[RolloutOutput]] = [None] * len(params)
+        todo = list(range(len(params)))
+        while todo:
+            seqs = self.submit_n(prompt_ids, [params[i] for i in todo], ignore_eos)
+            for seq in seqs:
+                async for _ in self.token_batches(seq):
+                    pass
+            again = []
+            for i, seq in zip(todo, seqs):
+                if seq.finish_reason == "preempted":
+                    again.append(i)
+                elif seq.finish_reason == "error":
+                    raise RuntimeError(f"generation failed: {seq.error}")
+                else:
+                    outs[i] = RolloutOutput(list(prompt_ids), list(seq.output_ids), list(seq.logprobs),
+                                            list(seq.sampler_logprobs), seq.finish_reason or "length", seq.weight_version)
+            todo = again
+        return outs  # type: ignore[return-value]
+
+    async def update_weights(
+        self, version: int, named_tensors: Mapping[str, torch.Tensor], in_flight: Literal["finish", "rerun"] = "finish"
+    ) -> None:
+        """Swap in new weights between two steps; outputs after it carry ``version``.
+
+        ``finish``: admission pauses until the sequences in flight finish on the old weights.
+        ``rerun``: they end at once with finish_reason "preempted" (``generate`` re-runs them).
+        Names and shapes are checked before any weight changes: a bad update changes nothing.
+        """
+        if in_flight not in ("finish", "rerun"):
+            raise ValueError(f"in_flight: must be 'finish' or 'rerun', got {in_flight!r}")
+        current = dict(self.model.named_parameters())
+        for name, t in named_tensors.items():
+            if name not in current:
+                raise KeyError(f"update_weights: the model has no parameter {name!r}")
+            if tuple(t.shape) != tuple(current[name].shape):
+                raise ValueError(f"update_weights: {name} has shape {tuple(current[name].shape)}, got {tuple(t.shape)}")
+        self._paused = True
+        try:
+            if in_flight == "rerun" and self.active:
+                self._preempt = True
+                self._wake.set()
+            # The loop finishes (or preempts) the rows in flight; poll for that between its steps.
+            while (self.active or self._preempt) and self._loop_task is not None and not self._loop_task.done():
+                await asyncio.sleep(0.005)
+
+            def load():
+                with torch.no_grad():
+                    for name, t in named_tensors.items():
+                        current[name].copy_(t.to(device=current[name].device, dtype=current[name].dtype))
+
+            await asyncio.get_running_loop().run_in_executor(self._executor, load)
+            self.weight_version = int(version)
+        finally:
+            self._paused, self._preempt = False, False
+            if self._wake is not None:
+                self._wake.set()
+
     # -- the loop ---------------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -218,49 +352,98 @@ class ContinuousBatchingEngine:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if not self.waiting and not self.active:
+                if self._preempt:
+                    for seq in self.active:
+                        seq.finish_reason = "preempted"
+                        seq.queue.put_nowait(Event(finish_reason="preempted"))
+                    self.active, self.cache, self._preempt = [], BatchKVCache(self.n_layers), False
+                if not self.active and (self._paused or not self.waiting):
                     self._wake.clear()
                     await self._wake.wait()
-                newcomers = self._admit()
+                    continue
+                newcomers = [] if self._paused else self._admit()
                 events = await loop.run_in_executor(self._executor, self._step, newcomers)
                 for seq, ev in events:
                     seq.queue.put_nowait(ev)
                 if self.metrics is not None:
-                    self.metrics.on_step(self.last_batch_size, len(self.waiting), new_tokens=sum(1 for _, e in events if e.finish_reason != "abort"))
+                    self.metrics.on_step(self.last_batch_size, len(self.waiting), new_tokens=sum(1 for _, e in events if e.token_id is not None))
         except BaseException as e:  # a broken model must not leave requests hanging
-            self.error = e
+            stopped = isinstance(e, asyncio.CancelledError)  # shutdown: not a fault of the engine
+            if not stopped:
+                self.error = e
             for seq in list(self.waiting) + self.active:
-                seq.finish_reason = "error"
-                seq.queue.put_nowait(Event(finish_reason="error"))
+                seq.finish_reason = "abort" if stopped else "error"
+                seq.error = f"engine stopped: {e!r}"
+                seq.queue.put_nowait(Event(finish_reason=seq.finish_reason))
             self.waiting.clear()
             raise
 
     def _admit(self) -> list[Sequence]:
-        """Pop waiting requests into free batch slots, within the per-step prefill budget."""
+        """Pop waiting requests into free batch slots, within the per-step prefill budget.
+
+        The ``group_size`` samples of one request come in together (they share one prefill).
+        """
         newcomers, budget = [], self.prefill_tokens_per_step
-        while self.waiting and len(self.active) + len(newcomers) < self.max_batch_size:
+        while self.waiting:
             seq = self.waiting[0]
             if seq.aborted:
                 self.waiting.popleft()
                 continue
+            group = [s for s in itertools.islice(self.waiting, 0, seq.group_size)]
+            if len(self.active) + len(newcomers) + len(group) > self.max_batch_size:
+                break
             if newcomers and len(seq.prompt_ids) > budget:
                 break  # next step; a single long prompt is always admitted alone
             budget -= len(seq.prompt_ids)
-            newcomers.append(self.waiting.popleft())
+            for _ in group:
+                newcomers.append(self.waiting.popleft())
         return newcomers
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> tuple[Sequence, Event]:
+        """This request alone fails (500 for it); the engine goes on with the others."""
+        seq.finish_reason, seq.error = "error", f"{type(exc).__name__}: {exc}"
+        logger.error("request %s failed in the engine: %r", seq.request_id or seq.id, exc)
+        return seq, Event(finish_reason="error")
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple[BatchKVCache, torch.Tensor]:
+        """One forward over the distinct prompts of ``seqs``; (cache, (N, V) logits), row per seq."""
+        unique: dict[tuple, int] = {}
+        rows = [unique.setdefault(tuple(s.prompt_ids), len(unique)) for s in seqs]
+        cache = BatchKVCache(self.n_layers)
+        ids, mask = left_pad([list(p) for p in unique])  # every prompt ends at the last column
+        attn = mask.bool().to(self.device) if not bool(mask.all()) else None
+        logits = self.model(ids.to(self.device), attention_mask=attn, kv_cache=cache, logits_to_keep=1)[:, -1]  # (U, V)
+        if len(unique) < len(seqs):  # n samples of one prompt: copy its cache row, not its forward
+            cache.keep(rows)
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        return cache, logits
 
     @torch.inference_mode()
     def _step(self, newcomers: list[Sequence]) -> list[tuple[Sequence, Event]]:
         """Prefill newcomers, decode every active row once, retire finished rows (worker thread)."""
         events: list[tuple[Sequence, Event]] = []
         if newcomers:
-            cache = BatchKVCache(self.n_layers)
-            ids, mask = left_pad([s.prompt_ids for s in newcomers])  # every prompt ends at the last column
-            attn = mask.bool().to(self.device) if not bool(mask.all()) else None
-            logits = self.model(ids.to(self.device), attention_mask=attn, kv_cache=cache, logits_to_keep=1)[:, -1]  # (N, V)
-            self.cache.merge(cache)
-            self.active.extend(newcomers)
-            events += self._append(newcomers, logits, first=True)
+            try:
+                parts = [(newcomers, self._prefill(newcomers))]
+            except (torch.OutOfMemoryError, MemoryError):
+                raise  # engine-wide
+            except Exception as e:  # one bad row must not fail the others: retry each alone
+                parts = []
+                for s in newcomers:
+                    try:
+                        parts.append(([s], self._prefill([s])))
+                    except (torch.OutOfMemoryError, MemoryError):
+                        raise
+                    except Exception as e1:
+                        events.append(self._fail(s, e1))
+                if not parts:
+                    logger.error("prefill failed for every newcomer: %r", e)
+            for seqs, (cache, logits) in parts:
+                self.cache.merge(cache)
+                self.active.extend(seqs)
+                for s in seqs:
+                    s.weight_version = self.weight_version
+                events += self._append(seqs, logits, first=True)
             self._retire()
         self.last_batch_size = len(self.active)
         if self.active:
@@ -271,19 +454,51 @@ class ContinuousBatchingEngine:
         self.steps += 1
         return events
 
-    def _append(self, seqs: list[Sequence], logits: torch.Tensor, first: bool = False) -> list[tuple[Sequence, Event]]:
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Token choice for ``seqs``: (ids, model log-probs, sampler log-probs, tops) lists."""
         params = [s.params for s in seqs]
+        if any(s.processors for s in seqs):
+            logits = logits.float().clone()
+            for i, s in enumerate(seqs):
+                for proc in s.processors:
+                    logits[i] = proc(list(s.output_ids), logits[i])
         needs_history = any(p.repetition_penalty != 1.0 for p in params)
         history = [s.prompt_ids + s.output_ids for s in seqs] if needs_history else None
-        next_ids = select_next_tokens(logits, params, history, [s.generator for s in seqs]).tolist()
-        now = time.monotonic()
+        scores = process_logits(logits, params, history, outputs=[s.output_ids for s in seqs])
+        ids = choose_tokens(scores, params, [s.generator for s in seqs])
+        want = [p.logprobs for p in params if p.logprobs is not None]
+        if not want:
+            return ids.tolist(), None, None, None
+        model_lp, sampler_lp, top = chosen_logprobs(logits, scores, ids, max(want))
+        tops = None
+        if top is not None:
+            vals, idx = top[0].tolist(), top[1].tolist()
+            tops = [list(zip(idx[i][: p.logprobs or 0], vals[i][: p.logprobs or 0])) for i, p in enumerate(params)]
+        return ids.tolist(), model_lp.tolist(), sampler_lp.tolist(), tops
+
+    def _append(self, seqs: list[Sequence], logits: torch.Tensor, first: bool = False) -> list[tuple[Sequence, Event]]:
         events = []
-        for s, tok in zip(seqs, next_ids):
+        try:
+            chosen = [(s, *row) for s, *row in zip(seqs, *self._expand(self._choose(seqs, logits), len(seqs)))]
+        except Exception:  # find the row(s) at fault: each alone; the others get their tokens
+            chosen = []
+            for i, s in enumerate(seqs):
+                try:
+                    chosen.append((s, *[c[0] for c in self._expand(self._choose([s], logits[i : i + 1]), 1)]))
+                except Exception as e:
+                    if not s.aborted:
+                        events.append(self._fail(s, e))
+        now = time.monotonic()
+        for s, tok, lp, slp, top in chosen:
             if s.aborted:
                 s.finish_reason = s.finish_reason or "abort"
                 events.append((s, Event(finish_reason=s.finish_reason)))
                 continue
             s.output_ids.append(tok)
+            if s.params.logprobs is not None:
+                s.logprobs.append(lp)
+                s.sampler_logprobs.append(slp)
+                s.top_logprobs.append(top or [])
             if first:
                 s.first_token_at = now
                 if self.metrics is not None:
@@ -297,6 +512,11 @@ class ContinuousBatchingEngine:
             if s.finish_reason and self.metrics is not None:
                 self.metrics.on_finish(now - s.arrival, len(s.output_ids))
         return events
+
+    @staticmethod
+    def _expand(choice, n: int):
+        ids, lp, slp, tops = choice
+        return ids, lp or [None] * n, slp or [None] * n, tops or [None] * n
 
     def _retire(self) -> None:
         keep = [i for i, s in enumerate(self.active) if s.finish_reason is None and not s.aborted]

@@ -1,0 +1,170 @@
+"""The continuous-batching engine in-process (no Ray): fault isolation, log-probs, n samples,
+and the rollout-worker API (versioned ``update_weights``) that RL training builds on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from llm_ray.generation.config import SamplingParams
+from llm_ray.serve.engine import ContinuousBatchingEngine
+from test_serve import _tiny_model, reference_ids
+
+PROMPTS = ["import the data", "a b c d e f", "the model the loss", "ray worker shard"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer_paths):
+    model, cfg, tok = _tiny_model(tokenizer_paths["bpe"])
+    return model, tok
+
+
+def _engine(model, **kw) -> ContinuousBatchingEngine:
+    return ContinuousBatchingEngine(model, eos_ids=[], max_seq_len=256, **kw)
+
+
+async def _collect(engine, seq) -> list[int]:
+    return [t async for t in engine.tokens(seq)]
+
+
+def test_a_failure_in_one_rows_sampling_fails_that_request_alone(tiny):
+    """A logits processor that raises at its third token fails its own request ("error", the
+    cause kept); the other rows of the same batch finish with their correct greedy answers and
+    the engine stays healthy for the next request."""
+    model, tok = tiny
+    prompts = [tok.encode(p).ids for p in PROMPTS]
+
+    def broken(out_ids, logits):
+        if len(out_ids) == 2:
+            raise RuntimeError("injected sampling failure")
+        return logits
+
+    async def scenario():
+        engine = _engine(model)
+        seqs = [engine.submit(p, SamplingParams(max_new_tokens=10), processors=[broken] if i == 1 else None, request_id=f"r{i}")
+                for i, p in enumerate(prompts)]
+        outs = await asyncio.gather(*(_collect(engine, s) for s in seqs))
+        after = engine.submit(prompts[0], SamplingParams(max_new_tokens=10))
+        again = await _collect(engine, after)
+        engine.shutdown()
+        return engine, seqs, outs, again
+
+    engine, seqs, outs, again = asyncio.run(scenario())
+    assert seqs[1].finish_reason == "error" and "injected sampling failure" in seqs[1].error
+    assert len(outs[1]) == 2  # its tokens before the failure
+    for i in (0, 2, 3):
+        assert seqs[i].finish_reason == "length"
+        assert outs[i] == reference_ids(model, prompts[i], 10)
+    assert engine.error is None and again == outs[0]
+
+
+def test_hostile_sampling_values_give_finite_distributions(tiny):
+    """A temperature of 1e-38 and extreme penalties: no inf - inf = NaN reaches the sampler."""
+    from llm_ray.generation.logits import make_generators, select_next_tokens
+
+    logits = torch.randn(3, 100) * 5
+    params = [
+        SamplingParams(do_sample=True, temperature=1e-38, seed=1),
+        SamplingParams(do_sample=True, repetition_penalty=0.01, presence_penalty=2, frequency_penalty=2, seed=2),
+        SamplingParams(do_sample=True, top_k=2**31 - 1, seed=2**64 - 1),
+    ]
+    ids = select_next_tokens(logits, params, [[1, 2, 3]] * 3, make_generators(params), outputs=[[4, 4]] * 3)
+    assert int(ids[0]) == int(logits[0].argmax())  # a vanishing temperature is greedy
+    assert ((0 <= ids) & (ids < 100)).all()
+
+
+def test_presence_frequency_penalties_and_logit_bias_follow_openai(tiny):
+    """logit[j] += bias[j] - count[j] * frequency - (count[j] > 0) * presence, counts over the
+    generated tokens only."""
+    from llm_ray.generation.logits import process_logits
+
+    logits = torch.randn(1, 50)
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={7: 3.0, 9: -100.0})
+    out = process_logits(logits, [p], outputs=[[4, 4, 4, 5]])
+    want = logits.clone()[0]
+    want[7] += 3.0
+    want[9] -= 100.0
+    want[4] -= 3 * 0.25 + 0.5
+    want[5] -= 1 * 0.25 + 0.5
+    torch.testing.assert_close(out[0], want)
+
+
+def test_logprobs_n_samples_and_versioned_weight_updates(tiny):
+    """Greedy log-probs equal log_softmax of the model's logits; n seeded samples share one
+    prefill and reproduce; update_weights switches outputs to the new model's, tagged with its
+    version, both when in-flight rows finish first and when they are re-run."""
+    model, tok = tiny
+    prompt = tok.encode(PROMPTS[2]).ids
+    other, _, _ = _tiny_model_variant(tok)
+
+    async def scenario():
+        engine = _engine(model)
+        greedy = (await engine.generate(prompt, [SamplingParams(max_new_tokens=8, logprobs=3)]))[0]
+        samples = [SamplingParams(do_sample=True, temperature=1.0, seed=5 + i, max_new_tokens=8) for i in range(3)]
+        first = await engine.generate(prompt, samples)
+        steps_before = engine.steps
+        second = await engine.generate(prompt, samples)
+        # In flight while the weights change: "rerun" preempts it and generate() runs it again.
+        running = asyncio.ensure_future(engine.generate(prompt, [SamplingParams(max_new_tokens=60)]))
+        while not engine.active:
+            await asyncio.sleep(0)
+        await engine.update_weights(1, dict(other.named_parameters()), in_flight="rerun")
+        rerun = (await running)[0]
+        after = (await engine.generate(prompt, [SamplingParams(max_new_tokens=8)]))[0]
+        engine.shutdown()
+        return greedy, first, second, rerun, after, steps_before
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        greedy, first, second, rerun, after, _ = asyncio.run(scenario())
+    finally:
+        model.load_state_dict(state)
+    # log-probs: the model's log_softmax at each step of the greedy continuation
+    ids = torch.tensor([prompt + greedy.token_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).float(), dim=-1)[0]
+    want = [float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(greedy.token_ids)]
+    assert greedy.token_ids == reference_ids(model, prompt, 8)
+    assert max(abs(a - b) for a, b in zip(greedy.logprobs, want)) < 1e-4
+    assert all(g.weight_version == 0 for g in first)
+    assert [o.token_ids for o in first] == [o.token_ids for o in second]  # seeded: reproducible
+    assert len({tuple(o.token_ids) for o in first}) > 1  # three different samples
+    assert all(len(o.sampler_logprobs) == 8 for o in first)
+    assert rerun.weight_version == 1 and rerun.token_ids == reference_ids(other, prompt, 60)
+    assert after.weight_version == 1 and after.token_ids == reference_ids(other, prompt, 8)
+    assert after.token_ids != greedy.token_ids
+
+
+def _tiny_model_variant(tok):
+    """Another random model of the same shapes (the 'updated policy')."""
+    from llm_ray.config import ModelConfig
+    from llm_ray.models import build_model
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model, cfg, tok
+
+
+def test_update_weights_refuses_unknown_names_and_shapes_and_changes_nothing(tiny):
+    model, _ = tiny
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    name, p = next(iter(model.named_parameters()))
+
+    async def scenario():
+        engine = _engine(model)
+        with pytest.raises(KeyError, match="no parameter"):
+            await engine.update_weights(1, {"nope.weight": p})
+        with pytest.raises(ValueError, match=name):
+            await engine.update_weights(1, {name: torch.zeros(3)})
+        engine.shutdown()
+        return engine.weight_version
+
+    assert asyncio.run(scenario()) == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
