@@ -492,6 +492,134 @@ def test_request_past_its_timeout_answers_408(server, tiny_dir):
         serve.delete("late")
 
 
+HI = [{"role": "user", "content": "hi"}]
+HOSTILE = [  # each crashed the replica or answered 500 before; now a 4xx naming the field
+    ("/v1/completions", {"prompt": "hi", "top_k": 2**63}, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-30}, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages[0].content[0].text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}, "messages[0].content[0].text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0].type"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800 lone"}]}', "messages[0].content"),
+    ("/v1/completions", b'{"prompt": "a\\udfff"}', "prompt"),
+    ("/v1/completions", b'{"prompt": "a", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}", None),
+    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": HI, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": HI, "n": 33}, "n"),
+    ("/v1/chat/completions", {"messages": HI, "logit_bias": {"99999999": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": HI, "presence_penalty": 3}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
+]
+
+
+def test_hostile_requests_fail_alone_and_the_replica_keeps_serving(server, bundle):
+    """Every input that once crashed the engine or answered 500 gets a 400 in OpenAI's shape
+    naming the field, and an ordinary request sent right after it succeeds with its answer."""
+    ref = reference(bundle, "The import statement", 6).text
+    normal = {"prompt": "The import statement", "max_tokens": 6, "temperature": 0}
+    for route, body, param in HOSTILE:
+        status, _, text = call(server["main"] + route, body)
+        assert status == 400, (param, text[:300])
+        err = json.loads(text)["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["param"] == param, err
+        status, _, text = call(f"{server['main']}/v1/completions", normal)
+        assert status == 200 and json.loads(text)["choices"][0]["text"] == ref, (param, text[:300])
+    # Sampling at the edges of the bounds works (no inf or NaN reaches the sampler).
+    for extreme in ({"temperature": 1e-38}, {"repetition_penalty": 0.01}, {"top_k": 2**31 - 1, "seed": 2**64 - 1}, {"frequency_penalty": -2}):
+        status, _, text = call(f"{server['main']}/v1/completions", {"prompt": "hi", "max_tokens": 4, **extreme})
+        assert status == 200, (extreme, text[:300])
+    status, _, text = call(f"{server['main']}/health", key=None)
+    assert status == 200 and json.loads(text)["status"] == "ok"
+
+
+def test_every_route_error_is_in_the_openai_shape(server):
+    for method, path, body, want in [
+        ("GET", "/v1/chat/completions", None, 405),
+        ("POST", "/v1/models", {}, 405),
+        ("GET", "/v1/nowhere", None, 404),
+        ("POST", "/v1/completions", b'{"prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}', 413),
+    ]:
+        status, _, text = call(server["main"] + path, body, method=method)
+        assert status == want, (path, text[:200])
+        err = json.loads(text)["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+
+
+def test_the_openai_client_drives_chat_streaming_logprobs_and_n(server, bundle):
+    """The official client: chat, a stream ending in a usage chunk, greedy log-probs equal to
+    log_softmax of our model's logits, and n=3 seeded samples that reproduce."""
+    import openai
+    import torch
+
+    client = openai.OpenAI(base_url=f"{server['main']}/v1", api_key=KEY, max_retries=0)
+    messages = [{"role": "user", "content": "What is the data model?"}]
+    want = reference(bundle, messages, 10)
+    out = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=10, temperature=0,
+                                         logprobs=True, top_logprobs=3, user="test-user")
+    choice = out.choices[0]
+    assert choice.message.content == want.text and out.usage.completion_tokens == 10
+    assert out.system_fingerprint == "llm-ray-w0"
+    entries = choice.logprobs.content
+    assert len(entries) == 10 and all(len(e.top_logprobs) == 3 for e in entries)
+    # The model's log-softmax at each generated position, from one forward over prompt + answer.
+    from llm_ray.generation.chat import render_bundle_chat
+
+    prompt_ids = bundle.tokenizer.encode(render_bundle_chat(bundle, messages), add_special_tokens=False).ids
+    gen_ids = want.token_ids[:10]
+    with torch.no_grad():
+        lp = torch.log_softmax(bundle.model(torch.tensor([prompt_ids + gen_ids])).float(), dim=-1)[0]
+    ref_lp = [float(lp[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(gen_ids)]
+    assert max(abs(e.logprob - r) for e, r in zip(entries, ref_lp)) < 1e-4
+    assert all(abs(e.top_logprobs[0].logprob - e.logprob) < 1e-6 for e in entries)  # greedy: the top one
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+    kw = dict(model="tiny", messages=messages, max_tokens=8, temperature=1.0, n=3, seed=7)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2] and texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) > 1 and 3 <= a.usage.completion_tokens <= 24  # usage counts all n choices
+    streamed = list(client.chat.completions.create(**kw, stream=True))
+    by_choice = {i: "".join(c.choices[0].delta.content or "" for c in streamed if c.choices and c.choices[0].index == i) for i in range(3)}
+    assert [by_choice[i] for i in range(3)] == texts
+
+    # Completions: legacy logprobs (token strings, token_logprobs, top_logprobs dicts).
+    comp = client.completions.create(model="tiny", prompt="The import statement", max_tokens=5, temperature=0, logprobs=2)
+    lps = comp.choices[0].logprobs
+    n_out = comp.usage.completion_tokens
+    assert len(lps.tokens) == len(lps.token_logprobs) == len(lps.top_logprobs) == n_out > 0
+    assert all(len(t) == 2 and max(t.values()) == pytest.approx(lp) for t, lp in zip(lps.top_logprobs, lps.token_logprobs))  # greedy
+
+
+def test_200_concurrent_clients_retrying_503_all_get_their_answer(server, bundle):
+    """200 clients at once against one replica (32 batch slots, 64 queue places): those turned
+    away get 503 + Retry-After, wait that long and retry; every one gets its own greedy answer,
+    none is lost or answered 5xx otherwise."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(200)]
+    wants = {p: reference(bundle, p, 6).text for p in set(prompts)}
+    statuses: list[int] = []
+
+    def one(p):
+        for _ in range(60):
+            status, headers, text = call(f"{server['main']}/v1/completions", {"prompt": p, "max_tokens": 6, "temperature": 0})
+            statuses.append(status)
+            if status != 503:
+                return status, text
+            time.sleep(float(headers.get("retry-after", "1")))  # what the client is told to do
+        return status, text
+
+    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(one, prompts))
+    assert all(st == 200 for st, _ in results), [t[:200] for st, t in results if st != 200][:3]
+    assert [json.loads(t)["choices"][0]["text"] for _, t in results] == [wants[p] for p in prompts]
+    assert set(statuses) <= {200, 503}
+
+
 def test_smollm2_chat_over_http(server, smollm2_dir):
     """The out-of-the-box model: SmolLM2 behind the endpoint answers as the generation API does."""
     from ray import serve
