@@ -168,3 +168,40 @@ def test_update_weights_refuses_unknown_names_and_shapes_and_changes_nothing(tin
 
     assert asyncio.run(scenario()) == 0
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+
+
+def test_a_prefix_cache_hit_returns_exactly_the_tokens_of_a_miss(tiny):
+    """Prompts sharing a long system prefix: the later ones prefill only their suffix (from
+    cached blocks, batched with other prompts whose cached prefixes differ in length) and their
+    greedy tokens equal the uncached engine's and the single-sequence decode."""
+    model, tok = tiny
+    system = tok.encode("You are a terse assistant for the data model and the training loop. " * 3).ids
+    prompts = [system + tok.encode(q).ids for q in ("what is a shard", "resume the checkpoint", "a b c", "the loss")]
+    prompts.append(tok.encode("unrelated prompt with no shared prefix at all").ids)
+
+    async def run(prefix_tokens: int):
+        engine = _engine(model, prefix_cache_tokens=prefix_tokens)
+        first = await engine.generate(prompts[0], [SamplingParams(max_new_tokens=12)])  # fills the cache
+        rest = await asyncio.gather(*(engine.generate(p, [SamplingParams(max_new_tokens=12)]) for p in prompts[1:]))
+        engine.shutdown()
+        return [first[0].token_ids] + [r[0].token_ids for r in rest], engine.prefix_cache
+
+    cached, pc = asyncio.run(run(4096))
+    plain, off = asyncio.run(run(0))
+    assert cached == plain == [reference_ids(model, p, 12) for p in prompts]
+    assert pc.hit_tokens >= 3 * (len(system) // 16) * 16 and 0 < pc.hit_rate < 1
+    assert off.hit_tokens == 0 and pc.cached_tokens <= 4096
+
+
+def test_prefix_cache_is_bounded_in_tokens_and_evicts_least_recent(tiny):
+    from llm_ray.serve.prefix_cache import PrefixCache
+
+    pc = PrefixCache(capacity_tokens=64, block_size=16)
+    kv = lambda n: [(torch.randn(2, n, 4), torch.randn(2, n, 4))]  # noqa: E731
+    a, b = list(range(100, 149)), list(range(200, 249))  # 49 tokens: 3 full blocks each
+    pc.store(a, kv(49))
+    assert pc.lookup(a)[0] == 48 and pc.cached_tokens == 48
+    pc.store(b, kv(49))  # 96 > 64 tokens: a's chain goes first, from its end
+    assert pc.cached_tokens <= 64 and pc.lookup(b)[0] == 48
+    n_a, _ = pc.lookup(a)
+    assert n_a < 48

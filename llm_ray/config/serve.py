@@ -59,6 +59,7 @@ class ServeConfig:
     max_batch_size: int = 32  # sequences decoded together in one forward pass
     max_queue: int = 64  # requests waiting in a replica for a batch slot; beyond: 503
     prefill_tokens_per_step: int = 2048  # prompt tokens prefilled between two decode steps
+    prefix_cache_tokens: int = 8192  # KV of prompt prefixes kept for reuse (LRU, in tokens; 0 = off)
     request_timeout_s: float = 120.0  # per request, queueing included; beyond: 408
     stream_interval_ms: float = 50.0  # streamed tokens within this interval go in one chunk (first token at once)
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
@@ -82,6 +83,7 @@ class ServeConfig:
         _check(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
         _check(self.max_queue >= 0, "max_queue", "must be >= 0")
         _check(self.prefill_tokens_per_step >= 1, "prefill_tokens_per_step", "must be >= 1")
+        _check(self.prefix_cache_tokens >= 0, "prefix_cache_tokens", "must be >= 0 (0 = off)")
         _check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
         _check(self.stream_interval_ms >= 0, "stream_interval_ms", "must be >= 0 (0 = every token as it comes)")
         _check(self.default_max_tokens >= 1, "default_max_tokens", "must be >= 1")

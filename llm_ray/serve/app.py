@@ -123,6 +123,7 @@ class LLMServer:
             max_batch_size=self.cfg.max_batch_size,
             max_queue=self.cfg.max_queue,
             prefill_tokens_per_step=self.cfg.prefill_tokens_per_step,
+            prefix_cache_tokens=self.cfg.prefix_cache_tokens,
             metrics=self.metrics,
             executor=executor,
         )

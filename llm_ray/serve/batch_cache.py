@@ -105,6 +105,38 @@ class BatchKVCache:
             return []
         return self.mask[:, : self.length].sum(dim=1).tolist()
 
+    @classmethod
+    def from_prefixes(cls, n_layers: int, prefixes: list[Optional[list[tuple[torch.Tensor, torch.Tensor]]]], lengths: list[int]) -> "BatchKVCache":
+        """A cache whose row b holds a cached prompt prefix of ``lengths[b]`` tokens (per layer
+        (k, v) of shape (Hkv, n, hd), or None for none), right-aligned; the rest is padding."""
+        cache = cls(n_layers)
+        n = max(lengths)
+        if n == 0:
+            return cache
+        B = len(prefixes)
+        some = next(p for p in prefixes if p is not None)
+        H, D = some[0][0].shape[0], some[0][0].shape[2]
+        cap = n + 16
+        cache.mask = torch.zeros(B, cap, dtype=torch.bool, device=some[0][0].device)
+        for i in range(n_layers):
+            cache.keys[i] = some[i][0].new_zeros(B, H, cap, D)
+            cache.values[i] = some[i][1].new_zeros(B, H, cap, D)
+            for b, (pre, m) in enumerate(zip(prefixes, lengths)):
+                if m:
+                    cache.keys[i][b, :, n - m : n] = pre[i][0]
+                    cache.values[i][b, :, n - m : n] = pre[i][1]
+            cache.lens[i] = n
+        for b, m in enumerate(lengths):
+            cache.mask[b, n - m : n] = True
+        cache.has_padding = not bool(cache.mask[:, :n].all())
+        return cache
+
+    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row ``row``'s real tokens per layer: (k, v) each (Hkv, n_real, hd)."""
+        n = self.length
+        cols = self.mask[row, :n]
+        return [(self.keys[i][row, :, :n][:, cols], self.values[i][row, :, :n][:, cols]) for i in range(self.n_layers)]
+
     # -- rows joining and leaving --------------------------------------------------------------
     def merge(self, other: "BatchKVCache") -> None:
         """Append ``other``'s rows (newcomers) below ours, both right-aligned to the longer one."""

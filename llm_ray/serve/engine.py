@@ -5,8 +5,9 @@ An asyncio task owns the loop; each iteration runs one ``_step`` in a single wor
 
 1. admit waiting requests while there are free batch slots (at most
    ``prefill_tokens_per_step`` prompt tokens per step, so decoding never stalls long);
-2. prefill the newcomers together (left-padded) into a fresh ``BatchKVCache`` and pick their
-   first token, then merge that cache into the running one;
+2. prefill the newcomers together (left-padded) into a fresh ``BatchKVCache``, each from the
+   longest prefix of its prompt in the ``PrefixCache``, pick their first token, then merge
+   that cache into the running one;
 3. ONE decode forward for every active sequence, each with its own rows of the KV cache;
 4. hand each new token to its request's asyncio queue; retire finished or aborted sequences
    (their cache rows leave, padding-only columns are trimmed).
@@ -44,6 +45,7 @@ from llm_ray.generation.api import left_pad
 from llm_ray.generation.config import SamplingParams
 from llm_ray.generation.logits import choose_tokens, chosen_logprobs, make_generators, process_logits
 from llm_ray.serve.batch_cache import BatchKVCache
+from llm_ray.serve.prefix_cache import PrefixCache
 
 logger = logging.getLogger("ray.serve")
 
@@ -138,6 +140,7 @@ class ContinuousBatchingEngine:
         prefill_tokens_per_step: int = 2048,
         metrics=None,
         executor: Optional[concurrent.futures.ThreadPoolExecutor] = None,
+        prefix_cache_tokens: int = 0,
     ):
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -160,6 +163,7 @@ class ContinuousBatchingEngine:
         self.steps = 0
         self.last_batch_size = 0  # rows in the latest decode forward (metrics)
         self.error: Optional[BaseException] = None  # set if the loop died: health turns red
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)  # 0 tokens = off
         self.weight_version = 0
         self._paused = False  # update_weights: admit nobody until the swap is done
         self._preempt = False  # update_weights(rerun): end the rows in flight at the next step
@@ -336,6 +340,7 @@ class ContinuousBatchingEngine:
                         current[name].copy_(t.to(device=current[name].device, dtype=current[name].dtype))
 
             await asyncio.get_running_loop().run_in_executor(self._executor, load)
+            self.prefix_cache.clear()  # KV computed by the old weights
             self.weight_version = int(version)
         finally:
             self._paused, self._preempt = False, False
@@ -406,13 +411,23 @@ class ContinuousBatchingEngine:
         return seq, Event(finish_reason="error")
 
     def _prefill(self, seqs: list[Sequence]) -> tuple[BatchKVCache, torch.Tensor]:
-        """One forward over the distinct prompts of ``seqs``; (cache, (N, V) logits), row per seq."""
+        """One forward over the distinct prompts of ``seqs``, each from its longest cached
+        prefix on; (cache, (N, V) logits), one row per seq."""
         unique: dict[tuple, int] = {}
         rows = [unique.setdefault(tuple(s.prompt_ids), len(unique)) for s in seqs]
-        cache = BatchKVCache(self.n_layers)
-        ids, mask = left_pad([list(p) for p in unique])  # every prompt ends at the last column
+        prompts = [list(p) for p in unique]
+        found = [self.prefix_cache.lookup(p) for p in prompts]  # (n cached, per-layer kv)
+        cache = BatchKVCache.from_prefixes(self.n_layers, [kv for _, kv in found], [n for n, _ in found])
+        ids, mask = left_pad([p[n:] for p, (n, _) in zip(prompts, found)])  # every suffix ends at the last column
         attn = mask.bool().to(self.device) if not bool(mask.all()) else None
+        # The decoder joins the cache's mask (padding between a short prefix and its suffix
+        # included) with this one and counts positions over real tokens only.
         logits = self.model(ids.to(self.device), attention_mask=attn, kv_cache=cache, logits_to_keep=1)[:, -1]  # (U, V)
+        if self.prefix_cache.enabled:
+            for u, p in enumerate(prompts):
+                self.prefix_cache.store(p, cache.row_kv(u))
+            if self.metrics is not None:
+                self.metrics.on_prefix_cache(self.prefix_cache.hit_rate, sum(n for n, _ in found), sum(len(p) for p in prompts))
         if len(unique) < len(seqs):  # n samples of one prompt: copy its cache row, not its forward
             cache.keep(rows)
             logits = logits[torch.tensor(rows, device=logits.device)]

@@ -30,7 +30,11 @@ class EngineMetrics:
         self.queue_depth = Gauge("llm_ray_serve_queue_depth", "Requests waiting for a batch slot", keys)
         self.batch_now = Gauge("llm_ray_serve_running_sequences", "Sequences in the latest decode step", keys)
         self.tokens_per_s = Gauge("llm_ray_serve_tokens_per_s", "Generated tokens per second, recent window", keys)
-        for m in (self.ttft, self.latency, self.batch, self.tokens, self.requests, self.rejected, self.queue_depth, self.batch_now, self.tokens_per_s):
+        self.prefix_hit_rate = Gauge("llm_ray_serve_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache", keys)
+        self.prefix_hits = Counter("llm_ray_serve_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", keys)
+        self.prompt_tokens = Counter("llm_ray_serve_prompt_tokens", "Prompt tokens prefilled or found in the prefix cache", keys)
+        for m in (self.ttft, self.latency, self.batch, self.tokens, self.requests, self.rejected, self.queue_depth, self.batch_now,
+                  self.tokens_per_s, self.prefix_hit_rate, self.prefix_hits, self.prompt_tokens):
             m.set_default_tags(tags)
         self.window_s = window_s
         self._window_start = time.monotonic()
@@ -48,6 +52,13 @@ class EngineMetrics:
         if now - self._window_start >= self.window_s:
             self.tokens_per_s.set(self._window_tokens / (now - self._window_start))
             self._window_start, self._window_tokens = now, 0
+
+    def on_prefix_cache(self, hit_rate: float, hit_tokens: int, prompt_tokens: int) -> None:
+        self.prefix_hit_rate.set(hit_rate)
+        if hit_tokens:
+            self.prefix_hits.inc(hit_tokens)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
 
     def on_first_token(self, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)
