@@ -205,3 +205,32 @@ def test_prefix_cache_is_bounded_in_tokens_and_evicts_least_recent(tiny):
     assert pc.cached_tokens <= 64 and pc.lookup(b)[0] == 48
     n_a, _ = pc.lookup(a)
     assert n_a < 48
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
+    """A 150-token prompt with a 32-token budget per step goes in 5 chunks; the request already
+    decoding gets a token at each of those steps instead of waiting for the whole prefill, and
+    both answers equal the single-sequence decode."""
+    model, tok = tiny
+    short = tok.encode("the model").ids
+    long = (tok.encode("import the data model train serve loss step token batch cache ray worker shard ").ids * 12)[:150]
+
+    async def scenario():
+        engine = _engine(model, prefill_tokens_per_step=32)
+        s = engine.submit(short, SamplingParams(max_new_tokens=40))
+        first = await s.queue.get()  # s is decoding
+        assert first.token_id is not None
+        before = len(s.output_ids)
+        lg = engine.submit(long, SamplingParams(max_new_tokens=6))
+        ev = await lg.queue.get()  # the long prompt's first token
+        during = len(s.output_ids) - before
+        rest_long = [ev.token_id] + [t async for t in engine.tokens(lg)]
+        rest_short = [t async for t in engine.tokens(s)]
+        engine.shutdown()
+        return during, rest_long, [first.token_id] + rest_short, lg
+
+    during, got_long, got_short, lg = asyncio.run(scenario())
+    assert during >= 4  # decode steps ran while the long prompt went in chunk by chunk
+    assert lg.n_prefilled == 150
+    assert got_long == reference_ids(model, long, 6)
+    assert got_short == reference_ids(model, short, 40)

@@ -4,7 +4,9 @@ An asyncio task owns the loop; each iteration runs one ``_step`` in a single wor
 (torch releases the GIL, so the replica's HTTP handlers keep accepting and streaming):
 
 1. admit waiting requests while there are free batch slots (at most
-   ``prefill_tokens_per_step`` prompt tokens per step, so decoding never stalls long);
+   ``prefill_tokens_per_step`` prompt tokens per step, so decoding never stalls long); a
+   longer prompt is prefilled in chunks of that budget, one per step (chunked prefill), in
+   its own cache that joins the batch once the prompt is in;
 2. prefill the newcomers together (left-padded) into a fresh ``BatchKVCache``, each from the
    longest prefix of its prompt in the ``PrefixCache``, pick their first token, then merge
    that cache into the running one;
@@ -85,6 +87,8 @@ class Sequence:
     group_size: int = 1  # the n sequences of one request are admitted together
     weight_version: int = 0  # the weights that produced output_ids
     error: Optional[str] = None  # why this request failed (finish_reason "error")
+    partial: Optional[BatchKVCache] = None  # chunked prefill: this prompt's cache so far
+    n_prefilled: int = 0
     # Per output token (filled when params.logprobs is not None): log-prob under the model,
     # under the sampler's distribution, and the params.logprobs most likely (id, log-prob).
     logprobs: list[float] = field(default_factory=list)
@@ -153,6 +157,7 @@ class ContinuousBatchingEngine:
         self.n_layers = len(model.layers)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []  # row i of the cache is active[i]; only _step touches it
+        self.prefilling: list[Sequence] = []  # long prompts prefilled chunk by chunk (hold a slot)
         self.cache = BatchKVCache(self.n_layers)
         self._ids = itertools.count()
         self._wake: Optional[asyncio.Event] = None
@@ -327,11 +332,11 @@ class ContinuousBatchingEngine:
                 raise ValueError(f"update_weights: {name} has shape {tuple(current[name].shape)}, got {tuple(t.shape)}")
         self._paused = True
         try:
-            if in_flight == "rerun" and self.active:
+            if in_flight == "rerun" and (self.active or self.prefilling):
                 self._preempt = True
                 self._wake.set()
             # The loop finishes (or preempts) the rows in flight; poll for that between its steps.
-            while (self.active or self._preempt) and self._loop_task is not None and not self._loop_task.done():
+            while (self.active or self.prefilling or self._preempt) and self._loop_task is not None and not self._loop_task.done():
                 await asyncio.sleep(0.005)
 
             def load():
@@ -358,11 +363,11 @@ class ContinuousBatchingEngine:
         try:
             while True:
                 if self._preempt:
-                    for seq in self.active:
+                    for seq in self.active + self.prefilling:
                         seq.finish_reason = "preempted"
                         seq.queue.put_nowait(Event(finish_reason="preempted"))
-                    self.active, self.cache, self._preempt = [], BatchKVCache(self.n_layers), False
-                if not self.active and (self._paused or not self.waiting):
+                    self.active, self.prefilling, self.cache, self._preempt = [], [], BatchKVCache(self.n_layers), False
+                if not self.active and not self.prefilling and (self._paused or not self.waiting):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -376,7 +381,7 @@ class ContinuousBatchingEngine:
             stopped = isinstance(e, asyncio.CancelledError)  # shutdown: not a fault of the engine
             if not stopped:
                 self.error = e
-            for seq in list(self.waiting) + self.active:
+            for seq in list(self.waiting) + self.active + self.prefilling:
                 seq.finish_reason = "abort" if stopped else "error"
                 seq.error = f"engine stopped: {e!r}"
                 seq.queue.put_nowait(Event(finish_reason=seq.finish_reason))
@@ -387,22 +392,46 @@ class ContinuousBatchingEngine:
         """Pop waiting requests into free batch slots, within the per-step prefill budget.
 
         The ``group_size`` samples of one request come in together (they share one prefill).
+        A prompt longer than the budget goes to ``prefilling``: chunked prefill, one chunk per
+        step between decode steps, so it never stalls the running rows for its whole length.
         """
         newcomers, budget = [], self.prefill_tokens_per_step
+        if self.prefilling:
+            budget -= min(budget, len(self.prefilling[0].prompt_ids) - self.prefilling[0].n_prefilled)
         while self.waiting:
             seq = self.waiting[0]
             if seq.aborted:
                 self.waiting.popleft()
                 continue
             group = [s for s in itertools.islice(self.waiting, 0, seq.group_size)]
-            if len(self.active) + len(newcomers) + len(group) > self.max_batch_size:
+            if len(self.active) + len(self.prefilling) + len(newcomers) + len(group) > self.max_batch_size:
                 break
+            if len(seq.prompt_ids) > self.prefill_tokens_per_step and seq.group_size == 1:
+                self.prefilling.append(self.waiting.popleft())
+                continue
             if newcomers and len(seq.prompt_ids) > budget:
-                break  # next step; a single long prompt is always admitted alone
+                break  # next step
             budget -= len(seq.prompt_ids)
             for _ in group:
                 newcomers.append(self.waiting.popleft())
         return newcomers
+
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> tuple[int, Optional[torch.Tensor]]:
+        """The next chunk (<= ``budget`` tokens) of a long prompt into ``seq.partial``;
+        (tokens done, the (1, V) last logits once the whole prompt is in, else None)."""
+        prompt = seq.prompt_ids
+        if seq.partial is None:
+            n, kv = self.prefix_cache.lookup(prompt)
+            seq.partial, seq.n_prefilled = BatchKVCache.from_prefixes(self.n_layers, [kv], [n]), n
+        start = seq.n_prefilled
+        end = min(len(prompt), start + max(budget, 1))
+        ids = torch.tensor([prompt[start:end]], device=self.device)
+        logits = self.model(ids, kv_cache=seq.partial, logits_to_keep=1)[:, -1]  # (1, V)
+        seq.n_prefilled = end
+        if end < len(prompt):
+            return end - start, None
+        self.prefix_cache.store(prompt, seq.partial.row_kv(0))
+        return end - start, logits
 
     def _fail(self, seq: Sequence, exc: BaseException) -> tuple[Sequence, Event]:
         """This request alone fails (500 for it); the engine goes on with the others."""
@@ -437,6 +466,31 @@ class ContinuousBatchingEngine:
     def _step(self, newcomers: list[Sequence]) -> list[tuple[Sequence, Event]]:
         """Prefill newcomers, decode every active row once, retire finished rows (worker thread)."""
         events: list[tuple[Sequence, Event]] = []
+        budget = self.prefill_tokens_per_step - sum(len(s.prompt_ids) for s in newcomers)
+        while self.prefilling and budget > 0:
+            seq = self.prefilling[0]
+            if seq.aborted:
+                self.prefilling.pop(0)
+                events.append((seq, Event(finish_reason=seq.finish_reason or "abort")))
+                continue
+            try:
+                done, logits = self._prefill_chunk(seq, budget)
+            except (torch.OutOfMemoryError, MemoryError):
+                raise
+            except Exception as e:
+                self.prefilling.pop(0)
+                events.append(self._fail(seq, e))
+                continue
+            budget -= done
+            if logits is None:
+                break  # more chunks next step
+            self.prefilling.pop(0)
+            self.cache.merge(seq.partial)
+            seq.partial = None
+            seq.weight_version = self.weight_version
+            self.active.append(seq)
+            events += self._append([seq], logits, first=True)
+            self._retire()
         if newcomers:
             try:
                 parts = [(newcomers, self._prefill(newcomers))]
