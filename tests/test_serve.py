@@ -504,7 +504,8 @@ HOSTILE = [  # each crashed the replica or answered 500 before; now a 4xx naming
     ("/v1/completions", b'{"prompt": "a\\udfff"}', "prompt"),
     ("/v1/completions", b'{"prompt": "a", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}", None),
     ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ("/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": HI, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": HI, "n": 33}, "n"),
@@ -587,6 +588,21 @@ def test_the_openai_client_drives_chat_streaming_logprobs_and_n(server, bundle):
     streamed = list(client.chat.completions.create(**kw, stream=True))
     by_choice = {i: "".join(c.choices[0].delta.content or "" for c in streamed if c.choices and c.choices[0].index == i) for i in range(3)}
     assert [by_choice[i] for i in range(3)] == texts
+
+    # response_format: a schema-constrained answer validates (the random model is nudged to
+    # close strings with logit_bias, which composes with the grammar mask).
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["answer", "count"], "additionalProperties": False}
+    closing = {str(i): 8 for t, i in bundle.tokenizer.get_vocab().items() if t and set(t) <= set('"}')}
+    for fmt in ({"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}, {"type": "json_object"}):
+        out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=120, temperature=1.0, seed=3,
+                                             response_format=fmt, logit_bias=closing)
+        value = json.loads(out.choices[0].message.content)
+        assert isinstance(value, dict) and out.choices[0].finish_reason == "stop"
+        if fmt["type"] == "json_schema":
+            jsonschema.validate(value, schema)
 
     # Completions: legacy logprobs (token strings, token_logprobs, top_logprobs dicts).
     comp = client.completions.create(model="tiny", prompt="The import statement", max_tokens=5, temperature=0, logprobs=2)

@@ -115,6 +115,8 @@ class LLMServer:
         self.max_seq_len = bundle.cfg.max_seq_len
         self.api_keys = set(self.cfg.resolved_api_keys())
         self.created = int(time.time())
+        self._grammar_tokenizer = None  # llguidance's view of the tokenizer, built on first use
+        self._grammars: dict[str, str] = {}  # compiled response_format grammars by schema
         self.metrics = EngineMetrics(self.model_name)
         self.engine = ContinuousBatchingEngine(
             bundle.model,
@@ -200,11 +202,34 @@ class LLMServer:
         except ValueError as e:  # SamplingParams names the field first: "top_p: ..."
             raise bad_request(str(e), param=str(e).split(":", 1)[0]) from None
 
-    def _submit(self, prompt_ids: list[int], params: list, ignore_eos: bool = False, request_id: str = ""):
+    async def _constraint(self, req):
+        """A factory of per-sequence JSON grammar processors for ``response_format``, or None."""
+        import asyncio
+        import json as _json
+
+        from llm_ray.generation.grammar import JsonConstraint, grammar_tokenizer, json_grammar
+
+        constrained, schema = req.json_schema()
+        if not constrained:
+            return None
+        if self._grammar_tokenizer is None:  # about a second for a 49k vocabulary: off the event loop, once
+            self._grammar_tokenizer = await asyncio.get_running_loop().run_in_executor(None, grammar_tokenizer, self.tokenizer, self.bundle.eos_ids)
+        key = _json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            try:
+                grammar = json_grammar(schema)
+            except ValueError as e:
+                raise bad_request(f"response_format: {e}", param="response_format") from None
+            self._grammars[key] = grammar
+        tok = self._grammar_tokenizer
+        return lambda: [JsonConstraint(tok, grammar)]
+
+    def _submit(self, prompt_ids: list[int], params: list, ignore_eos: bool = False, request_id: str = "", make_processors=None):
         from llm_ray.serve.engine import PromptTooLongError, QueueFullError
 
         try:
-            return self.engine.submit_n(prompt_ids, params, ignore_eos=ignore_eos, request_id=request_id)
+            return self.engine.submit_n(prompt_ids, params, ignore_eos=ignore_eos, request_id=request_id, make_processors=make_processors)
         except QueueFullError as e:
             self.metrics.on_rejected()
             raise APIError(
@@ -277,7 +302,8 @@ class LLMServer:
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.user:
             logger.info("request %s from user %r", rid, req.user)
-        seqs = self._submit(prompt_ids, [params.replace(seed=None if req.seed is None else req.seed + i) for i in range(req.n)], req.ignore_eos, rid)
+        make_processors = await self._constraint(req)
+        seqs = self._submit(prompt_ids, [params.replace(seed=None if req.seed is None else req.seed + i) for i in range(req.n)], req.ignore_eos, rid, make_processors)
         streams = [TextStream(self.tokenizer, params.stop) for _ in seqs]
         name = self.model_name
         fingerprint = f"llm-ray-w{self.engine.weight_version}"

@@ -195,8 +195,12 @@ class ContinuousBatchingEngine:
         ignore_eos: bool = False,
         request_id: str = "",
         processors: Optional[list[LogitsProcessor]] = None,
+        make_processors: Optional[Callable[[], list[LogitsProcessor]]] = None,
     ) -> list[Sequence]:
-        """Queue ``len(params)`` samples of one prompt, admitted together, prefilled once."""
+        """Queue ``len(params)`` samples of one prompt, admitted together, prefilled once.
+
+        ``processors`` are shared by the samples (stateless ones); ``make_processors()`` gives
+        each sample its own (stateful ones, e.g. a grammar matcher)."""
         if not prompt_ids:
             raise PromptTooLongError("prompt: must hold at least one token")
         longest = max(p.max_new_tokens for p in params)
@@ -223,7 +227,7 @@ class ContinuousBatchingEngine:
                 generator=make_generators([p], self.device)[0],
                 queue=asyncio.Queue(),
                 request_id=request_id,
-                processors=list(processors or []),
+                processors=list(processors or []) + (make_processors() if make_processors else []),
                 group_size=len(params),
             ))
         self.waiting.extend(seqs)

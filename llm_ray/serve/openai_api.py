@@ -127,9 +127,21 @@ class _Request(BaseModel):
     @field_validator("response_format")
     @classmethod
     def _format(cls, v):
-        if v is not None and v.get("type", "text") != "text":
-            raise ValueError(f"type {v.get('type')!r} is not supported yet (only 'text'); constrained JSON decoding is not implemented")
+        kind = (v or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+        if kind == "json_schema" and not isinstance((v.get("json_schema") or {}).get("schema"), dict):
+            raise ValueError("json_schema.schema must be a JSON schema object")
         return v
+
+    def json_schema(self) -> tuple[bool, Optional[dict]]:
+        """(constrained?, schema or None for any JSON object) from ``response_format``."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return True, None
+        if kind == "json_schema":
+            return True, self.response_format["json_schema"]["schema"]
+        return False, None
 
     def sampling_params(self, max_new_tokens: int, index: int = 0) -> SamplingParams:
         """OpenAI semantics: sampling at the given temperature; temperature 0 = greedy. The n
