@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,18 @@ def pretrain_run(storage, name, overrides, tokenizer):
     return result.summary, losses
 
 
+def training_flops_per_token(case: str, tokenizer: str) -> float:
+    """What MFU's numerator should count per token for ``case`` (PaLM's formula, our model)."""
+    import dataclasses
+
+    from llm_ray.data.tokenizer import load_tokenizer
+    from llm_ray.models import flops_per_token
+
+    recipe = load_recipe("jobs/recipes/tiny-cpu.yaml", tiny_overrides(Path("unused"), case, tokenizer) + CASES[case])
+    cfg = dataclasses.replace(recipe.model, vocab_size=recipe.model.vocab_size or load_tokenizer(tokenizer).get_vocab_size())
+    return flops_per_token(cfg, recipe.data.seq_len)
+
+
 @pytest.fixture(scope="session")
 def runs(ray_cluster, tokenizer_paths, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
@@ -69,7 +82,7 @@ def runs(ray_cluster, tokenizer_paths, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["zero0_1w_fp32", "zero2_2w", "zero3_2w_offload", "pipeline_2x1", "moe", "encoder_mlm"])
-def test_loss_falls(runs, case):
+def test_loss_falls(runs, tokenizer_paths, case):
     summary, losses = runs(case)
     n = summary["steps"]
     assert sorted(losses) == list(range(1, n + 1)) and n >= 10
@@ -80,7 +93,12 @@ def test_loss_falls(runs, case):
     assert last < first - 0.3, losses
     for key in ("tokens_per_s", "mfu", "checkpoint"):
         assert summary[key], key
-    assert 0 < summary["mfu"] < 1.5
+    # MFU = achieved FLOP/s over the matmul peak measured in the same run. No bound on its value:
+    # on a shared CI machine the peak and the steps are timed under different contention.
+    assert summary["mfu"] > 0 and summary["peak_tflops"] > 0
+    kind = "wordpiece" if "data.tokenizer.kind=wordpiece" in CASES[case] else "bpe"
+    flops = training_flops_per_token(case, tokenizer_paths[kind])
+    assert summary["mfu"] == pytest.approx(summary["tokens_per_s"] * flops / (summary["peak_tflops"] * 1e12), rel=1e-6)
 
 
 def test_summary_metrics_and_tensorboard(runs):

@@ -91,6 +91,7 @@ def _grad_norm(engine) -> float | None:
 def _agree_on_precision(requested: str, device: torch.device) -> tuple[str, float]:
     """Resolve ``auto`` on every rank; bf16 only if every rank found it faster (one engine,
     one precision). Returns (precision, this rank's matmul TFLOP/s in it)."""
+    dist.barrier()  # every rank measures at once, sharing the host as they will when training
     precision, tflops = resolve_precision(requested, device)
     if requested != "auto":
         return precision, tflops
