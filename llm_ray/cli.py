@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     b.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request, the mean for 'mixed' (eos ignored)")
     b.add_argument("--rounds", type=int, default=4, help="requests per client: N clients share a queue of N*rounds requests")
-    b.add_argument("--workloads", default="uniform,mixed", help="uniform (all max-tokens long) and/or mixed (lengths drawn around max-tokens)")
+    b.add_argument("--workloads", default="uniform,mixed", help="uniform (all max-tokens long), and any of mixed (lengths drawn around max-tokens), shared_prefix (one long shared prefix + short question; engine with prefix cache on vs off)")
     b.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("serve", help="OpenAI-compatible endpoint on Ray Serve (continuous batching); blocks")

@@ -157,11 +157,19 @@ def test_text_stream_deltas_equal_the_whole_decode(kind, tokenizer_paths, smollm
     cases = [tok.encode(t).ids for t in STREAM_TEXTS]
     cases += [[rng.randrange(tok.get_vocab_size()) for _ in range(300)] for _ in range(3)]
     for ids in cases:
+        whole = tok.decode(ids, skip_special_tokens=True)
+        # tokenizers' DecodeStream (a Tokenizer) and the Python scheme (any other tokenizer object)
+        library = TextStream(tok, stop=[])
+        assert library._library is not None
+        deltas = [library.push(i) for i in ids]
+        assert library._library is not None, "DecodeStream gave up on this text"
+        assert "".join(deltas) + library.finish() == whole
         counting = _CountingTokenizer(tok)
         stream = TextStream(counting, stop=[])
-        deltas = [stream.push(i) for i in ids]
+        python_deltas = [stream.push(i) for i in ids]
         assert counting.decoded < 40 * len(ids)  # the old whole-output decode: ~len(ids)**2 / 2
-        assert "".join(deltas) + stream.finish() == tok.decode(ids, skip_special_tokens=True)
+        assert "".join(python_deltas) + stream.finish() == whole
+        assert python_deltas == deltas  # the same text at the same tokens
 
     ids = tok.encode(STREAM_TEXTS[0]).ids
     full = tok.decode(ids, skip_special_tokens=True)
@@ -174,6 +182,23 @@ def test_text_stream_deltas_equal_the_whole_decode(kind, tokenizer_paths, smollm
         if stream.stopped:
             break
     assert stream.stopped and streamed + stream.finish() == stream.final_text() == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "smollm2"])
+def test_token_bytes_add_up_to_the_text(kind, tokenizer_paths, smollm2_dir):
+    """logprobs' ``bytes``: a byte-level token holding part of a character gives its own bytes
+    (decode of the token alone would give U+FFFD), so the tokens' bytes join to the text."""
+    from tokenizers import Tokenizer
+
+    from llm_ray.serve.text_stream import TokenBytes
+
+    tok = Tokenizer.from_file(f"{smollm2_dir}/tokenizer.json" if kind == "smollm2" else tokenizer_paths[kind])
+    token_bytes = TokenBytes(tok)
+    assert token_bytes.byte_level
+    for text in STREAM_TEXTS:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert any("\ufffd" in tok.decode([i]) for i in ids) or text.isascii()
+        assert bytes(b for i in ids for b in token_bytes(i)).decode("utf-8") == tok.decode(ids)
 
 
 # -- config and schema (no Ray) ------------------------------------------------------------------
@@ -224,6 +249,23 @@ def test_bad_serve_recipe_names_the_key(override, key):
     with pytest.raises(RecipeError) as e:
         load_serve_config(str(REPO / "jobs" / "recipes" / "serve-smollm2.yaml"), [override])
     assert e.value.key == key
+
+
+def test_fastapi_validation_errors_answer_422_in_the_openai_shape():
+    """Our routes parse bodies themselves and answer 400 as OpenAI does; a validation error
+    FastAPI raises itself (a typed parameter) still answers in OpenAI's shape, naming the field."""
+    import asyncio
+
+    from fastapi.exceptions import RequestValidationError
+
+    from llm_ray.serve.app import _validation_error
+
+    exc = RequestValidationError([{"loc": ("body", "messages", 0, "content"), "msg": "Field required", "type": "missing"}])
+    resp = asyncio.run(_validation_error(None, exc))
+    body = json.loads(resp.body)
+    assert resp.status_code == 422
+    assert body["error"]["param"] == "messages.0.content" and "Field required" in body["error"]["message"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
 # -- the engine's cache (no Ray) -----------------------------------------------------------------
@@ -564,6 +606,8 @@ def test_the_openai_client_drives_chat_streaming_logprobs_and_n(server, bundle):
     assert out.system_fingerprint == "llm-ray-w0"
     entries = choice.logprobs.content
     assert len(entries) == 10 and all(len(e.top_logprobs) == 3 for e in entries)
+    # each token's exact bytes (a piece of a multi-byte character included) add up to the text
+    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8") == choice.message.content
     # The model's log-softmax at each generated position, from one forward over prompt + answer.
     from llm_ray.generation.chat import render_bundle_chat
 

@@ -1,7 +1,7 @@
 """``llm-ray bench serve``: the OpenAI endpoint under 1, 8 and 32 concurrent clients, against
 ``transformers`` ``generate`` on the same model, in the same run, on the same machine.
 
-Two workloads, the same requests on every side (greedy, distinct prompts, eos ignored so each
+Three workloads, the same requests on every side (greedy, distinct prompts, eos ignored so each
 request generates exactly its own length; HF: ``min_new_tokens``):
 
 - ``uniform``: every request asks for ``max_tokens``. The best case for a static batch: no row
@@ -10,6 +10,17 @@ request generates exactly its own length; HF: ``min_new_tokens``):
   max_tokens/8]`` (mean ``max_tokens``), as in vLLM's ``benchmark_serving`` random dataset.
   A static batch runs until its longest request is done and only the requested tokens count;
   continuous batching refills a finished row at once.
+- ``shared_prefix`` (opt-in: ``--workloads uniform,shared_prefix``): every prompt is one long
+  shared system prompt + few-shot examples (``SHARED_PREFIX``, several hundred tokens, built
+  from fixed text) followed by a short distinct question; every request asks for
+  ``max_tokens``. The in-process engine runs it twice, prefix cache on
+  (``serve.prefix_cache_tokens``, or 8192 where that is 0) and off, the same requests and
+  client count; the figures give ``ttft_p50_prefix_off_over_on`` (same run) and the cache's
+  hit rate over the timed requests (share of prompt tokens served from the cache). The
+  endpoint runs it with the served app's own prefix cache (on by default). No HF rows: what
+  it measures is prefill reuse, which ``generate`` does not have. The warm-up request of each
+  engine run (and of the endpoint) is one of these prompts, so the cache-on run starts with
+  the prefix cached: the steady state of a service with one system prompt.
 
 Rows of the table:
 (a) HF ``generate`` one request at a time (sequential) and in static batches of 8/16/32 taken in
@@ -17,10 +28,29 @@ Rows of the table:
     the baseline;
 (b) our ``ContinuousBatchingEngine`` in this process, no HTTP or Serve, the same requests as the
     largest client count: what the endpoint could reach on this machine without serving costs;
-(c) the endpoint (``llm-ray serve``'s application on a local Ray cluster) over real HTTP: N client
-    threads taking ``N * rounds`` streamed requests from one queue (at most N in flight);
+(c) the endpoint (``llm-ray serve``'s application on a local Ray cluster) over real HTTP: one
+    asyncio client sending ``N * rounds`` streamed requests, at most N in flight;
     throughput (generated tokens, as reported by the usage chunk, over wall time), p50/p99
     latency and time to first token.
+
+Per row (b) and (c), as vLLM's ``benchmark_serving``: requests/s (requests over wall time);
+TTFT; TPOT, per request ``(latency - ttft) / (tokens - 1)`` (requests of one token have none),
+mean/p50/p99 over requests; ITL, the gaps between consecutive streamed pieces of all requests
+pooled, mean/p50/p99:
+- engine in-process: per token. It reads ``engine.token_batches`` with no interval; a batch
+  that carries k tokens (already queued when the reader came back) after a gap g counts as k
+  gaps of g/k, so the ITLs of a request add up to ``latency - ttft``.
+- endpoint: per SSE chunk, as vLLM counts it (a chunk's token count is not in the stream).
+  The served app groups tokens that come within ``serve.stream_interval_ms`` (50 ms by
+  default) into one chunk, so its ITL is at least about that interval whatever the decode
+  step time: compare TPOT across rows, and ``tokens_per_chunk`` (tokens over content chunks)
+  says how many tokens a chunk carried. ``--set serve.stream_interval_ms=0`` makes chunks
+  per decode step.
+The HTTP client is aiohttp on one event loop (``serve_client.py``). On a host with few cores it
+still shares them with the proxy and the replica, so each endpoint row also reports the cores
+each process used meanwhile (``cpu_cores``: client, replica, proxy, controller, Ray's others and
+the host's total busy): where the endpoint falls short of the engine, that says whose CPU it was.
+The dtype ``auto`` chose, and the decode-shaped matmul rates it chose by, are printed first.
 Not a test: nothing is asserted.
 """
 
@@ -32,8 +62,8 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,7 +71,37 @@ PROMPT_TOPICS = [
     "the ocean", "a lighthouse", "bread baking", "the moon", "a bicycle trip", "winter", "a robot", "a library",
     "volcanoes", "the first computer", "a garden", "honey bees", "a train station", "chess", "rain", "a violin",
 ]
-WORKLOADS = ("uniform", "mixed")
+WORKLOADS = ("uniform", "mixed", "shared_prefix")
+
+
+def _shared_prefix() -> str:
+    """A system prompt and few-shot examples, the same for every ``shared_prefix`` request
+    (several hundred tokens, fixed text: the same ids on every run)."""
+    lines = [
+        "You are a careful assistant for a school library. Answer in two or three plain sentences, "
+        "name one concrete detail, and do not invent sources. Below are examples of good answers.",
+        "",
+    ]
+    for t in PROMPT_TOPICS:
+        lines.append(f"Question: What is one interesting thing about {t}?")
+        lines.append(
+            f"Answer: People have written about {t} for a long time, and each account notices something new: "
+            f"look closely at {t} and ask how it changes over a year."
+        )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+SHARED_PREFIX = _shared_prefix()
+
+
+def shared_prefix_prompts(n: int) -> list[str]:
+    """``n`` prompts: ``SHARED_PREFIX`` + a short distinct question."""
+    forms = ["Why does {} matter?", "How would you explain {} to a visitor?", "What should a beginner know about {}?", "What is a common mistake about {}?"]
+    return [
+        SHARED_PREFIX + "Question: " + forms[(i // len(PROMPT_TOPICS)) % len(forms)].format(PROMPT_TOPICS[i % len(PROMPT_TOPICS)]) + f" (#{i})\nAnswer:"
+        for i in range(n)
+    ]
 
 
 def bench_prompts(n: int) -> list[str]:
@@ -59,7 +119,7 @@ class BenchRequest:
 
 def request_lengths(workload: str, n: int, max_tokens: int, seed: int = 0) -> list[int]:
     """Tokens each of ``n`` requests generates: all ``max_tokens``, or mixed with that mean."""
-    if workload == "uniform":
+    if workload in ("uniform", "shared_prefix"):
         return [max_tokens] * n
     if workload == "mixed":
         lo = max(1, max_tokens // 8)
@@ -76,17 +136,37 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
 def _summary(results: list[dict], wall: float, clients: int) -> dict:
+    """Row figures from per-request ``latency``, ``ttft``, ``tokens``, ``itl`` (list of gaps)
+    and optionally ``chunks`` (content chunks: the endpoint)."""
     lat, ttft = [r["latency"] for r in results], [r["ttft"] for r in results]
-    return {
+    tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1 and r["ttft"] == r["ttft"]]
+    itl = [g for r in results for g in r["itl"]]
+    out = {
         "clients": clients,
         "requests": len(results),
+        "requests_per_s": len(results) / wall,
         "tokens_per_s": sum(r["tokens"] for r in results) / wall,
         "p50_latency_s": statistics.median(lat),
         "p99_latency_s": _percentile(lat, 0.99),
+        "mean_ttft_s": _mean(ttft),
         "p50_ttft_s": statistics.median(ttft),
         "p99_ttft_s": _percentile(ttft, 0.99),
+        "mean_tpot_s": _mean(tpot),
+        "p50_tpot_s": _percentile(tpot, 0.5),
+        "p99_tpot_s": _percentile(tpot, 0.99),
+        "mean_itl_s": _mean(itl),
+        "p50_itl_s": _percentile(itl, 0.5),
+        "p99_itl_s": _percentile(itl, 0.99),
     }
+    if all("chunks" in r for r in results):
+        chunks = sum(r["chunks"] for r in results)
+        out["tokens_per_chunk"] = sum(r["tokens"] for r in results) / chunks if chunks else float("nan")
+    return out
 
 
 # -- (a) transformers generate --------------------------------------------------------------------
@@ -129,13 +209,14 @@ def hf_static(hf, requests: list[BenchRequest], pad_id: int, batch: int) -> floa
     return useful / (time.perf_counter() - t0)
 
 
-def hf_baselines(model: str, workloads: dict[str, list[BenchRequest]], pad_id: int, batch_sizes=(8, 16, 32), device=None) -> dict:
+def hf_baselines(model: str, workloads: dict[str, list[BenchRequest]], pad_id: int, batch_sizes=(8, 16, 32), device=None, dtypes=("fp32", "bf16")) -> dict:
     """Per workload: ``{"sequential": {dtype: tok/s}, "static_batch": {"fp32_b32": tok/s, ...}}``.
 
     ``uniform``: one batch per size (every batch is alike), fp32 and bf16. ``mixed``: every
     request, at the dtype and batch size that were fastest on ``uniform`` (a smaller batch
     wastes less on unequal lengths, but is slower per step by more than it saves; running every
-    size over every request would make this baseline take minutes).
+    size over every request would make this baseline take minutes). ``dtypes``: the bench drops
+    bf16 where it multiplies at under half fp32's rate (no contender; on one CPU here 60x slower).
     """
     import torch
 
@@ -145,7 +226,7 @@ def hf_baselines(model: str, workloads: dict[str, list[BenchRequest]], pad_id: i
     out = {w: {"sequential": {}, "static_batch": {}} for w in workloads}
     uniform = workloads["uniform"]
     with torch.inference_mode():
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for name, dtype in ((d, {"fp32": torch.float32, "bf16": torch.bfloat16}[d]) for d in dtypes):
             hf = hf.to(dtype)
             warm = uniform[0]
             hf.generate(torch.tensor([warm.prompt_ids], device=hf.device), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=pad_id)
@@ -177,9 +258,19 @@ class _InlineExecutor(concurrent.futures.Executor):
         return future
 
 
-def engine_in_process(model: str, dtype_name: str, requests: list[BenchRequest], clients: int, max_batch_size: int, prefill_tokens_per_step: int, device=None) -> dict:
+def engine_in_process(
+    model: str,
+    dtype_name: str,
+    requests: list[BenchRequest],
+    clients: int,
+    max_batch_size: int,
+    prefill_tokens_per_step: int,
+    device=None,
+    prefix_cache_tokens: int = 0,
+) -> dict:
     """``requests`` straight into a ``ContinuousBatchingEngine``, at most ``clients`` at a time
-    (no HTTP, no Serve)."""
+    (no HTTP, no Serve). ``prefix_cache_hit_rate``: share of the timed requests' prompt tokens
+    served from the prefix cache (the warm-up request not counted)."""
     import torch
 
     from llm_ray.bundle import load_bundle
@@ -198,18 +289,26 @@ def engine_in_process(model: str, dtype_name: str, requests: list[BenchRequest],
         max_queue=len(requests),
         prefill_tokens_per_step=prefill_tokens_per_step,
         executor=_InlineExecutor(),
+        prefix_cache_tokens=prefix_cache_tokens,
     )
 
     async def one(r: BenchRequest) -> dict:
-        t0, ttft, n = time.perf_counter(), None, 0
+        t0, ttft, n, last, itl = time.perf_counter(), None, 0, None, []
         seq = engine.submit(list(r.prompt_ids), SamplingParams(max_new_tokens=r.max_tokens), ignore_eos=True)
-        async for _ in engine.tokens(seq):
-            n += 1
-            ttft = ttft if ttft is not None else time.perf_counter() - t0
-        return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": n}
+        async for batch in engine.token_batches(seq):
+            now = time.perf_counter()
+            k = len(batch)
+            if last is None:  # the first token (TTFT); any others of this batch came with it
+                ttft, k = now - t0, k - 1
+            if k:
+                itl.extend([(now - last) / k] * k if last is not None else [0.0] * k)
+            n, last = n + len(batch), now
+        return {"latency": time.perf_counter() - t0, "ttft": ttft if ttft is not None else float("nan"), "tokens": n, "itl": itl}
 
     async def main() -> dict:
         await one(requests[0])  # warm-up
+        pc = engine.prefix_cache
+        q0, h0 = pc.queried_tokens, pc.hit_tokens
         slots = asyncio.Semaphore(clients)  # at most ``clients`` in flight, as ``drive``
 
         async def limited(r: BenchRequest) -> dict:
@@ -218,7 +317,9 @@ def engine_in_process(model: str, dtype_name: str, requests: list[BenchRequest],
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(limited(r) for r in requests))
-        return _summary(list(results), time.perf_counter() - t0, clients)
+        out = _summary(list(results), time.perf_counter() - t0, clients)
+        q, h = pc.queried_tokens - q0, pc.hit_tokens - h0
+        return {**out, "prefix_cache_tokens": prefix_cache_tokens, "prefix_cache_hit_rate": h / q if q else 0.0}
 
     try:
         return {**asyncio.run(main()), "dtype": str(dtype).removeprefix("torch.")}
@@ -227,41 +328,33 @@ def engine_in_process(model: str, dtype_name: str, requests: list[BenchRequest],
 
 
 # -- (c) the endpoint -----------------------------------------------------------------------------
-def _stream_one(url: str, r: BenchRequest, key: Optional[str]) -> dict:
-    body = {
-        "prompt": r.prompt,
-        "max_tokens": r.max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(), headers=headers)
-    t0 = time.perf_counter()
-    ttft, tokens = None, 0
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["text"] and ttft is None:
-                ttft = time.perf_counter() - t0
-    return {"latency": time.perf_counter() - t0, "ttft": ttft if ttft is not None else float("nan"), "tokens": tokens}
-
-
 def drive(url: str, requests: list[BenchRequest], clients: int, key: Optional[str] = None) -> dict:
-    """``requests`` over HTTP, at most ``clients`` in flight: each client thread takes the next
-    request of one shared queue when its previous one is done (vLLM's ``--max-concurrency``)."""
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda r: _stream_one(url, r, key), requests))
-    return _summary(results, time.perf_counter() - t0, clients)
+    """``requests`` over HTTP from one asyncio client, at most ``clients`` in flight (vLLM's
+    ``--max-concurrency``); the row figures plus ``cpu_cores``: the cores each process (client,
+    replica, proxy, controller, Ray's others) used meanwhile."""
+    from llm_ray.bench.serve_client import ProcessCPU, stream_requests
+
+    cpu = ProcessCPU()
+    cpu.start()
+    results, wall = stream_requests(url, requests, clients, key)
+    return {**_summary(results, wall, clients), "cpu_cores": cpu.stop()}
+
+
+def _dtype_choice(name: str, device) -> tuple[str, tuple[str, ...]]:
+    """What ``serve.dtype`` resolves to here and the measurement that decided it; and the dtypes
+    worth an HF baseline (bf16 only where it is at least half as fast as fp32)."""
+    import torch
+
+    from llm_ray.train.device import decode_matmul_rates, inference_dtype_for, pick_inference_dtype
+
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        return f"dtype: {name} -> {str(pick_inference_dtype(name, device)).removeprefix('torch.')} on {device}", ("fp32", "bf16")
+    rates = decode_matmul_rates(device)
+    chosen = inference_dtype_for(rates) if name == "auto" else name
+    hf = ("fp32", "bf16") if rates["bf16"] >= 0.5 * rates["fp32"] else ("fp32",)
+    return (f"dtype: {name} -> {chosen} (decode-shaped matmul here: bf16 {rates['bf16']:.4f}, fp32 {rates['fp32']:.4f} "
+            f"TFLOP/s; auto takes bf16 at 1.25x fp32){'' if 'bf16' in hf else '; no bf16 HF baseline (under half of fp32)'}"), hf
 
 
 def bench_serve(
@@ -291,6 +384,7 @@ def bench_serve(
     bad = [w for w in kinds if w not in WORKLOADS]
     if bad or "uniform" not in kinds:
         raise ValueError(f"--workloads: 'uniform' plus any of {WORKLOADS}, got {workloads!r}")
+    std = [w for w in kinds if w != "shared_prefix"]  # the workloads with HF baselines
     with socket.socket() as s:  # a free port: the bench must not collide with a running server
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -299,14 +393,26 @@ def bench_serve(
     prompts = bench_prompts(n)
     bundle = load_bundle(cfg.model)
     ids = [tuple(bundle.tokenizer.encode(p).ids) for p in prompts]
+    reqs = {w: [BenchRequest(p, i, L) for p, i, L in zip(prompts, ids, request_lengths(w, n, max_tokens))] for w in std}
+    if "shared_prefix" in kinds:
+        sp = shared_prefix_prompts(n)
+        reqs["shared_prefix"] = [BenchRequest(p, tuple(bundle.tokenizer.encode(p).ids), max_tokens) for p in sp]
+        prefix_len = len(bundle.tokenizer.encode(SHARED_PREFIX).ids)
     pad_id = pad_id_for(bundle)
     del bundle
-    reqs = {w: [BenchRequest(p, i, L) for p, i, L in zip(prompts, ids, request_lengths(w, n, max_tokens))] for w in kinds}
 
     # Baselines and the in-process engine on the device a replica would use (its GPU if any).
+    # The engine has the served app's prefix cache (``serve.prefix_cache_tokens``).
     device = local_device() if cfg.use_gpu is not False else None
-    hf = hf_baselines(cfg.model, reqs, pad_id, batch_sizes=tuple(b for b in (8, 16, 32) if b <= n), device=device)
-    engine = {w: engine_in_process(cfg.model, cfg.dtype, reqs[w], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step, device) for w in kinds}
+    dtype_note, hf_dtypes = _dtype_choice(cfg.dtype, device)
+    print(dtype_note, file=sys.stderr, flush=True)
+    hf = hf_baselines(cfg.model, {w: reqs[w] for w in std}, pad_id, batch_sizes=tuple(b for b in (8, 16, 32) if b <= n), device=device, dtypes=hf_dtypes)
+    args = (cfg.model, cfg.dtype)
+    engine = {w: engine_in_process(*args, reqs[w], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step, device, cfg.prefix_cache_tokens) for w in std}
+    if "shared_prefix" in kinds:
+        on_tokens = cfg.prefix_cache_tokens or 8192
+        engine["shared_prefix"] = engine_in_process(*args, reqs["shared_prefix"], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step, device, on_tokens)
+        engine_off = engine_in_process(*args, reqs["shared_prefix"], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step, device, 0)
 
     from llm_ray.serve.app import run, url as app_url
 
@@ -321,28 +427,44 @@ def bench_serve(
     finally:
         serve.shutdown()
 
-    table = Table(title=f"bench serve: {cfg.served_name}, greedy, mean {max_tokens} tokens/request, same run")
-    for col in ("workload", "what", "tokens/s", "p50 latency s", "p99 latency s", "p50 TTFT s", "p99 TTFT s"):
+    table = Table(title=f"bench serve: {cfg.served_name}, greedy, mean {max_tokens} tokens/request, same run; ITL: engine per token, endpoint per SSE chunk")
+    cols = ("workload", "what", "tokens/s", "req/s", "p50 lat s", "p99 lat s", "p50 TTFT s", "p99 TTFT s", "mean TPOT ms", "p50 TPOT ms", "p99 TPOT ms", "mean ITL ms", "p50 ITL ms", "p99 ITL ms")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("workload", "what") else "right")
+    blank = [""] * (len(cols) - 3)
+
+    def ms(x: float) -> str:
+        return f"{1000 * x:.1f}"
+
+    def timed_row(w: str, label: str, r: dict) -> None:
+        table.add_row(
+            w, label, f"{r['tokens_per_s']:.1f}", f"{r['requests_per_s']:.2f}", f"{r['p50_latency_s']:.2f}", f"{r['p99_latency_s']:.2f}",
+            f"{r['p50_ttft_s']:.3f}", f"{r['p99_ttft_s']:.3f}",
+            ms(r["mean_tpot_s"]), ms(r["p50_tpot_s"]), ms(r["p99_tpot_s"]), ms(r["mean_itl_s"]), ms(r["p50_itl_s"]), ms(r["p99_itl_s"]),
+        )
+
+    def rounded(r: dict) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+
     figures: dict = {"model": cfg.served_name, "dtype": cfg.dtype, "device": str(device or "cpu"), "max_tokens": max_tokens, "rounds": rounds, "workloads": {}}
     top = levels[-1]
-    for w in kinds:
+    for w in std:
         base_seq = max(hf[w]["sequential"].values())
         best_key = max(hf[w]["static_batch"], key=hf[w]["static_batch"].get)
         base_static = hf[w]["static_batch"][best_key]
         for k, v in hf[w]["sequential"].items():
-            table.add_row(w, f"HF generate, sequential, {k}", f"{v:.1f}", "", "", "", "")
+            table.add_row(w, f"HF generate, sequential, {k}", f"{v:.1f}", *blank)
         for k, v in hf[w]["static_batch"].items():
-            table.add_row(w, f"HF generate, static batch {k}", f"{v:.1f}", "", "", "", "")
+            table.add_row(w, f"HF generate, static batch {k}", f"{v:.1f}", *blank)
         e = engine[w]
         rows = [(f"engine in-process ({e['dtype']}), {top} streams, no HTTP", e)] + [(f"llm-ray serve, {r['clients']} clients", r) for r in ours[w]]
         for label, r in rows:
-            table.add_row(w, label, f"{r['tokens_per_s']:.1f}", f"{r['p50_latency_s']:.2f}", f"{r['p99_latency_s']:.2f}", f"{r['p50_ttft_s']:.3f}", f"{r['p99_ttft_s']:.3f}")
+            timed_row(w, label, r)
         serve_top = ours[w][-1]["tokens_per_s"]
         suffix = "" if w == "uniform" else f"_{w}"
         figures["workloads"][w] = {
-            "serve": {str(r["clients"]): {k: round(v, 4) for k, v in r.items() if k != "clients"} for r in ours[w]},
-            "engine_in_process": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in e.items()},
+            "serve": {str(r["clients"]): rounded({k: v for k, v in r.items() if k != "clients"}) for r in ours[w]},
+            "engine_in_process": rounded(e),
             "hf_sequential_tokens_per_s": {k: round(v, 2) for k, v in hf[w]["sequential"].items()},
             "hf_static_batch_tokens_per_s": {k: round(v, 2) for k, v in hf[w]["static_batch"].items()},
             "hf_best_static_batch": best_key,
@@ -352,6 +474,36 @@ def bench_serve(
         figures[f"engine_{top}_over_hf_sequential{suffix}"] = round(e["tokens_per_s"] / base_seq, 2)
         figures[f"engine_{top}_over_hf_best_static_batch{suffix}"] = round(e["tokens_per_s"] / base_static, 2)
         figures[f"serve_{top}_over_engine_{top}{suffix}"] = round(serve_top / e["tokens_per_s"], 2)
-    Console(width=160).print(table)
+    if "shared_prefix" in kinds:
+        w, on, off = "shared_prefix", engine["shared_prefix"], engine_off
+        timed_row(w, f"engine in-process ({on['dtype']}), {top} streams, prefix cache on (hit {on['prefix_cache_hit_rate']:.0%})", on)
+        timed_row(w, f"engine in-process ({off['dtype']}), {top} streams, prefix cache off", off)
+        for r in ours[w]:
+            timed_row(w, f"llm-ray serve, {r['clients']} clients, its prefix cache ({cfg.prefix_cache_tokens} tokens)", r)
+        figures["workloads"][w] = {
+            "prefix_tokens": prefix_len,
+            "prompt_tokens_mean": round(_mean([len(r.prompt_ids) for r in reqs[w]]), 1),
+            "serve_prefix_cache_tokens": cfg.prefix_cache_tokens,
+            "serve": {str(r["clients"]): rounded({k: v for k, v in r.items() if k != "clients"}) for r in ours[w]},
+            "engine_in_process_prefix_on": rounded(on),
+            "engine_in_process_prefix_off": rounded(off),
+        }
+        figures["prefix_cache_hit_rate_shared_prefix"] = round(on["prefix_cache_hit_rate"], 4)
+        figures["ttft_p50_prefix_off_over_on"] = round(off["p50_ttft_s"] / on["p50_ttft_s"], 2)
+        figures["ttft_p99_prefix_off_over_on"] = round(off["p99_ttft_s"] / on["p99_ttft_s"], 2)
+        figures[f"engine_{top}_tokens_per_s_prefix_on_over_off"] = round(on["tokens_per_s"] / off["tokens_per_s"], 2)
+        figures[f"serve_{top}_over_engine_{top}_shared_prefix"] = round(ours[w][-1]["tokens_per_s"] / on["tokens_per_s"], 2)
+    # Headline row figures of the top level (uniform), flat: the keys a dashboard reads.
+    for name, r in ((f"serve_{top}", ours["uniform"][-1]), (f"engine_{top}", engine["uniform"])):
+        for k in ("requests_per_s", "mean_tpot_s", "p50_tpot_s", "p99_tpot_s", "mean_itl_s", "p50_itl_s", "p99_itl_s"):
+            figures[f"{name}_{k}"] = round(r[k], 4)
+    figures["dtype_choice"] = dtype_note
+    for w in kinds:  # whose CPU the top level used (the endpoint rows)
+        figures[f"serve_{top}_cpu_cores{'' if w == 'uniform' else '_' + w}"] = ours[w][-1]["cpu_cores"]
+    Console(width=220).print(table)
+    for w in kinds:
+        cores = ours[w][-1]["cpu_cores"]
+        print(f"{w}, {top} clients, cores used: " + ", ".join(f"{k} {v}" for k, v in cores.items()), flush=True)
+    print(dtype_note, flush=True)
     print(json.dumps(figures), flush=True)
     return figures

@@ -48,6 +48,7 @@ from llm_ray.serve.openai_api import (
     sse,
     usage_chunk,
 )
+from llm_ray.serve.text_stream import TextStream, TokenBytes
 
 logger = logging.getLogger("ray.serve")
 
@@ -111,6 +112,7 @@ class LLMServer:
         device, self.dtype, bundle = executor.submit(setup).result()
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer
+        self.token_bytes = TokenBytes(bundle.tokenizer)
         self.model_name = self.cfg.served_name
         self.max_seq_len = bundle.cfg.max_seq_len
         self.api_keys = set(self.cfg.resolved_api_keys())
@@ -269,11 +271,12 @@ class LLMServer:
             self.engine.abort(seq)  # frees a running row (timeout, stop string); no-op once finished
 
     def _logprob_entries(self, seq, start: int, stop: int) -> list:
-        """(token text, log-prob, [(alternative text, log-prob)]) of output tokens start..stop."""
-        dec = self.tokenizer.decode
+        """(token text, bytes, log-prob, [(alternative text, bytes, log-prob)]) of output tokens
+        start..stop."""
+        dec, raw = self.tokenizer.decode, self.token_bytes
         n = min(stop, len(seq.logprobs))
         return [
-            (dec([seq.output_ids[i]]), seq.logprobs[i], [(dec([t]), lp) for t, lp in seq.top_logprobs[i]])
+            (dec([seq.output_ids[i]]), raw(seq.output_ids[i]), seq.logprobs[i], [(dec([t]), raw(t), lp) for t, lp in seq.top_logprobs[i]])
             for i in range(start, n)
         ]
 
@@ -289,8 +292,6 @@ class LLMServer:
 
     async def _respond(self, req, prompt_ids: list[int], requested: Optional[int], chat: bool):
         import asyncio
-
-        from llm_ray.serve.text_stream import TextStream
 
         if req.n > self.cfg.max_batch_size:
             raise bad_request(f"n: at most {self.cfg.max_batch_size} choices per request on this endpoint (its batch size), got {req.n}", param="n")

@@ -340,24 +340,28 @@ def chat_chunk(rid: str, model: str, index: int, delta: dict, finish: Optional[s
     return _envelope(rid, model, "chat.completion.chunk", [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}])
 
 
-def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict:
-    """OpenAI chat ``logprobs``: entries are (token text, log-prob, [(alt text, log-prob)])."""
-    def one(tok: str, lp: float) -> dict:
-        return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
-
-    return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in top]} for t, lp, top in entries]}
+LogprobEntry = tuple  # (token text, token bytes, log-prob, [(alt text, alt bytes, log-prob)])
 
 
-def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]], offset: int = 0) -> dict:
+def chat_logprobs(entries: list[LogprobEntry]) -> dict:
+    """OpenAI chat ``logprobs``: each token's text, exact UTF-8 bytes and log-prob, and its
+    alternatives'."""
+    def one(tok: str, raw: list[int], lp: float) -> dict:
+        return {"token": tok, "logprob": lp, "bytes": raw}
+
+    return {"content": [{**one(t, b, lp), "top_logprobs": [one(*alt) for alt in top]} for t, b, lp, top in entries]}
+
+
+def completion_logprobs(entries: list[LogprobEntry], offset: int = 0) -> dict:
     """Legacy completions ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
     offsets, pos = [], offset
-    for tok, _, _ in entries:
+    for tok, *_ in entries:
         offsets.append(pos)
         pos += len(tok)
     return {
-        "tokens": [t for t, _, _ in entries],
-        "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [dict(top) for _, _, top in entries],
+        "tokens": [t for t, *_ in entries],
+        "token_logprobs": [lp for _, _, lp, _ in entries],
+        "top_logprobs": [{a: alp for a, _, alp in top} for *_, top in entries],
         "text_offset": offsets,
     }
 
