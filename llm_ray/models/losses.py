@@ -93,3 +93,133 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen.float() - ref_chosen.float()).detach()
     rejected_rewards = beta * (policy_rejected.float() - ref_rejected.float()).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+# -- RL (PPO, GRPO) --------------------------------------------------------------------------------
+# Per-token tensors are (B, T) aligned with ``labels`` (position t predicts token t+1), zero
+# where ``mask`` (the response tokens) is False. OpenRLHF models/loss.py and TRL's PPO/GRPO
+# trainers are the references; each formula is written out in its docstring.
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of ``x`` over True positions of ``mask`` (all of them, or along ``dim``)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the masked positions (std unbiased); ``shift_mean=False`` adds the
+    mean back (scale only, as TRL does for advantages when asked); zero outside the mask."""
+    mean = masked_mean(x, mask)
+    n = mask.sum().clamp(min=2)
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from samples of π (Schulman, "Approximating KL
+    divergence"), with log r = log π_ref − log π at the sampled token:
+    k1 = −log r (unbiased, can be negative), k2 = ½ (log r)², k3 = (r − 1) − log r (unbiased,
+    never negative; GRPO's choice)."""
+    log_r = ref_logp.float() - logp.float()
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r ** 2
+    if estimator == "k3":
+        log_r = log_r.clamp(-20, 20)  # exp overflow on a token the reference finds impossible
+        return torch.exp(log_r) - 1 - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each row's response tokens.
+
+    δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1},  returns R_t = A_t + V_t;
+    V after a row's last response token is 0 (the episode ends there). (B, T) -> (A, R), zero
+    outside ``mask``.
+    """
+    mask = mask.float()
+    rewards, values = rewards.float() * mask, values.float() * mask
+    advantages = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): each sample's reward minus the mean of its prompt's group of
+    ``group_size`` samples, divided by the group's std when ``scale`` (Dr. GRPO leaves it out).
+    rewards (B,) with a prompt's samples adjacent -> (B,)."""
+    r = rewards.float().view(-1, group_size)  # (prompts, G)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (r.std(dim=1, keepdim=True) + eps) if group_size > 1 else centred
+    return centred.flatten()
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: Optional[float] = None,
+    aggregate: Literal["token_mean", "seq_mean"] = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), to minimise:
+    mean over tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high)), ρ = exp(log π − log π_old).
+
+    ``aggregate``: token_mean (every response token weighs the same: DAPO, OpenRLHF) or
+    seq_mean (mean per sequence, then over sequences: the GRPO paper). Metrics: clip fraction,
+    approx KL(π_old ‖ π) as k3 of the ratio (what TRL and OpenRLHF log), mean ratio.
+    """
+    log_ratio = (logp.float() - old_logp.float()).clamp(-20, 20)
+    ratio = torch.exp(log_ratio)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token, mask) if aggregate == "token_mean" else masked_mean(per_token, mask, dim=1).mean()
+    with torch.no_grad():
+        metrics = {
+            "clip_fraction": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(torch.exp(-log_ratio) - 1 + log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: Optional[float] = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's value loss ½·mean max((V − R)², (V_clip − R)²), V_clip = V_old + clip(V − V_old, ±c)
+    (the OpenAI baselines form); ``clip=None`` is the plain ½·mean (V − R)²."""
+    values, returns = values.float(), returns.float()
+    err = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values.float() + (values - old_values.float()).clamp(-clip, clip)
+        clip_err = (clipped - returns) ** 2
+        fraction = masked_mean((clip_err > err).float(), mask)
+        err = torch.maximum(err, clip_err)
+    else:
+        fraction = torch.zeros((), device=values.device)
+    return 0.5 * masked_mean(err, mask), {"value_clip_fraction": fraction.detach()}
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution: (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = torch.exp(logits - logz)
+    return (logz.squeeze(-1) - (p * logits).sum(-1))
