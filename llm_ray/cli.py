@@ -141,6 +141,12 @@ def cmd_dpo(args) -> None:
     _print_result(dpo(_recipe(args)))
 
 
+def cmd_ppo(args) -> None:
+    from llm_ray.align.ppo import ppo
+
+    _print_result(ppo(_recipe(args)))
+
+
 def cmd_bench_dpo(args) -> None:
     from llm_ray.bench.dpo import bench_dpo
 
@@ -247,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dpo", help="direct preference optimisation (DPO / IPO / conservative DPO) of a decoder folder")
     with_recipe(p)
     p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("ppo", help="RL from a reward (GRPO; PPO) on separate Ray actor pools: rollout, reward, reference, policy update")
+    with_recipe(p)
+    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("bench", help="benchmarks (not tests): same-run ratios against a named baseline")
     bsub = p.add_subparsers(dest="bench_command", required=True)

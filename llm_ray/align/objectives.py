@@ -109,3 +109,66 @@ class DPO(Objective):
             "logps/chosen": pc.detach().mean(),
             "logps/rejected": pr.detach().mean(),
         }
+
+
+@dataclass
+class PolicyGradient(Objective):
+    """PPO's clipped policy loss on rollouts (GRPO is this loss with group advantages).
+
+    The batch (``align/experience.py``): full sequences ``input_ids``/``labels`` (response
+    tokens labelled), the rollout's ``old_logprobs``, the reference's ``ref_logprobs``,
+    per-token ``advantages``, and ``rewards``/``fresh`` for metrics. Log-probs are of the
+    tempered policy (logits / temperature), the distribution the rollout sampled from.
+    ``kl_coef`` > 0 adds β·KL(π ‖ π_ref) to the loss (GRPO); PPO puts it in the reward instead.
+    After each iteration's last step the policy is published to the hub for the rollout pool.
+    """
+
+    hub: object  # ExperienceHubActor handle
+    steps_per_iteration: int
+    max_steps: int
+    temperature: float = 1.0
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.0
+    aggregate: str = "token_mean"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    bucket_mb: float = 32.0
+    timeout_s: float = 300.0
+    name: str = "policy_gradient"
+    batch_fields = ("input_ids", "labels", "old_logprobs", "ref_logprobs", "advantages", "rewards", "fresh")
+
+    def on_train_start(self, engine, step: int) -> None:
+        from llm_ray.align.experience import publish_policy
+
+        publish_policy(engine, self.hub, step // self.steps_per_iteration, self.bucket_mb, self.timeout_s)
+
+    def after_step(self, engine, step: int) -> None:
+        from llm_ray.align.experience import publish_policy
+
+        if step % self.steps_per_iteration == 0 and step < self.max_steps:
+            publish_policy(engine, self.hub, step // self.steps_per_iteration, self.bucket_mb, self.timeout_s)
+
+    def loss(self, engine, batch, frozen):
+        from llm_ray.models.losses import IGNORE_INDEX, entropy_from_logits, kl_penalty, masked_mean, policy_loss, token_logprobs
+
+        labels = batch["labels"]
+        mask = labels != IGNORE_INDEX
+        logits = engine(batch["input_ids"]).float() / self.temperature  # (B, T, V)
+        logp = token_logprobs(logits, labels)  # (B, T)
+        loss, metrics = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, self.clip_eps,
+                                    self.clip_eps_high or None, self.aggregate)
+        metrics["policy_loss"] = loss.detach()
+        kl = kl_penalty(logp, batch["ref_logprobs"], self.kl_estimator)
+        metrics["kl"] = masked_mean(kl, mask).detach()
+        if self.kl_coef:
+            loss = loss + self.kl_coef * masked_mean(kl, mask)
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+        metrics["entropy"] = entropy.detach()
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * entropy
+        metrics["reward"] = batch["rewards"].float().mean()
+        metrics["response_length"] = mask.sum(1).float().mean()
+        if bool(batch["fresh"].all()):  # same weights as the rollout: any difference is numerics
+            metrics["logprob_mismatch"] = masked_mean((logp - batch["old_logprobs"]).abs(), mask).detach()
+        return loss, metrics

@@ -104,30 +104,42 @@ def reward(recipe: Recipe) -> StageResult:
 Prompt = Union[str, list[dict]]
 
 
-@torch.no_grad()
+class RewardScorer:
+    """A reward-model folder loaded once: ``scorer(prompts, responses) -> rewards``, each
+    prompt (a string or a message list) and response rendered with the folder's chat template
+    exactly as in training (prompt's end and response's start kept when too long). What the
+    PPO issue's reward actors hold."""
+
+    def __init__(self, model_dir: str, device: Optional[str] = None, batch_size: int = 16, max_len: Optional[int] = None):
+        from llm_ray.bundle import load_bundle, load_classifier
+        from llm_ray.data.sft import ChatTemplate
+        from llm_ray.generation.api import pad_id_for
+        from llm_ray.train.device import local_device
+
+        self.device = device or str(local_device())
+        self.model = load_classifier(model_dir, device=self.device)[0]
+        folder = load_bundle(model_dir)  # tokenizer, template and specials (its weights are the backbone's)
+        self.tokenizer, self.template, self.pad_id = folder.tokenizer, ChatTemplate.for_bundle(folder), pad_id_for(folder)
+        self.seq_len = max_len or folder.cfg.max_seq_len - 1
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        from llm_ray.align.evaluate import rewards_of
+        from llm_ray.data.preference import encode_response
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+        rows, lengths = [], []
+        for prompt, response in zip(prompts, responses):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            ids, _, n, _, _ = encode_response(messages, response, self.template, self.tokenizer, self.seq_len, self.pad_id, self.seq_len // 2)
+            rows.append(ids)
+            lengths.append(n)
+        return rewards_of(self.model, np.stack(rows), np.asarray(lengths, np.int64), self.device, self.batch_size).tolist()
+
+
 def score(model_dir: str, prompts: Sequence[Prompt], responses: Sequence[str], device: Optional[str] = None,
           batch_size: int = 16, max_len: Optional[int] = None) -> list[float]:
-    """Rewards of ``responses`` to ``prompts`` (strings or message lists) under a reward-model
-    folder, rendered with its chat template exactly as in training (prompt's end and
-    response's start kept when too long). For the PPO issue's reward actors."""
-    from llm_ray.align.evaluate import rewards_of
-    from llm_ray.bundle import load_bundle, load_classifier
-    from llm_ray.data.preference import encode_response
-    from llm_ray.data.sft import ChatTemplate
-    from llm_ray.generation.api import pad_id_for
-    from llm_ray.train.device import local_device
-
-    if len(prompts) != len(responses):
-        raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
-    device = device or str(local_device())
-    model = load_classifier(model_dir, device=device)[0]
-    folder = load_bundle(model_dir)  # tokenizer, template and specials (its weights are the backbone's)
-    template, pad_id = ChatTemplate.for_bundle(folder), pad_id_for(folder)
-    seq_len = max_len or folder.cfg.max_seq_len - 1
-    rows, lengths = [], []
-    for prompt, response in zip(prompts, responses):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        ids, _, n, _, _ = encode_response(messages, response, template, folder.tokenizer, seq_len, pad_id, seq_len // 2)
-        rows.append(ids)
-        lengths.append(n)
-    return rewards_of(model, np.stack(rows), np.asarray(lengths, np.int64), device, batch_size).tolist()
+    """Rewards of ``responses`` to ``prompts`` under a reward-model folder (``RewardScorer``)."""
+    return RewardScorer(model_dir, device, batch_size, max_len)(prompts, responses)

@@ -46,8 +46,9 @@ def deepspeed_config(recipe: Recipe, on_gpu: bool, precision: str | None = None)
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": t.max_steps,
-                "warmup_num_steps": o.warmup_steps,
-                "warmup_min_ratio": 0.0,
+                # DeepSpeed refuses 0 warmup steps: no warmup = one step that starts at the full lr
+                "warmup_num_steps": max(1, o.warmup_steps),
+                "warmup_min_ratio": 0.0 if o.warmup_steps else 1.0,
                 "cos_min_ratio": o.min_lr_ratio,
                 "warmup_type": "linear",
             },

@@ -173,6 +173,7 @@ def train_worker(config: dict) -> None:
         state.samples, dp_rank, dp_size, t.micro_batch_size, recipe.grad_accum_steps,
         steps=(recipe.run.stop_at_step or t.max_steps) - state.step,
     )
+    objective.on_train_start(engine, state.step)
     step_fn = _Step(engine, batches, recipe, dev.device, objective, frozen)
     manifest = {**expect, "recipe_hash": config["recipe_hash"], "world_size": ctx.get_world_size(), "objective": objective.name}
     timed_steps, timed_seconds, last = 0, 0.0, {}
@@ -188,6 +189,7 @@ def train_worker(config: dict) -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         state.step, state.samples = step, state.samples + t.global_batch_size
+        objective.after_step(engine, step)
         if state.initial_loss is None:
             state.initial_loss = loss
         if step > 1 or t.max_steps == 1:  # the first step pays one-off set-up costs

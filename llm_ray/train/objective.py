@@ -36,6 +36,13 @@ class Objective(abc.ABC):
         """Frozen modules each worker builds once, in eval mode, without DeepSpeed."""
         return {}
 
+    def on_train_start(self, engine, step: int) -> None:
+        """Called on every rank once the engine is built and restored at ``step`` (RL: send the
+        policy to the rollout pool)."""
+
+    def after_step(self, engine, step: int) -> None:
+        """Called on every rank after optimizer step ``step``, before its checkpoint."""
+
     def check_batch(self, batch: Mapping) -> None:
         missing = [k for k in self.batch_fields if k not in batch]
         if missing:

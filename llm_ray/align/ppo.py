@@ -1,0 +1,390 @@
+"""``llm-ray ppo``: RL from a reward on separate Ray actor pools, driven from here.
+
+The driver is the single controller. Per iteration k it waits for policy weights k from the
+trainer (through the ``ExperienceHubActor``), pushes them to the rollout pool, samples
+``samples_per_prompt`` completions of the iteration's prompts there (our serving engine),
+scores them in the reward pool, gets the reference pool's log-probs, turns rewards into
+advantages (GRPO: relative to the prompt's group) and hands the experience to the hub. The
+policy trains on the engine (Ray Train + DeepSpeed, the ``PolicyGradient`` objective and an
+``ExperienceSource``), running in a thread of this process for the whole run.
+
+Everything an iteration uses is a function of the seed, k and weights k — the prompts, each
+sample's sampling seed, the minibatch order — so a stopped run, rerun, continues from its last
+checkpoint with the same numbers; the KL controller's state is saved per iteration next to
+the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from llm_ray.config import Recipe, RecipeError
+from llm_ray.config.loader import check
+from llm_ray.stage import StageResult, write_summary
+
+logger = logging.getLogger("llm_ray.rl")
+CONTROLLER_DIR = "controller"  # per-iteration controller state and rollout metrics in the run folder
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon); fixed when target is 0."""
+
+    def __init__(self, coef: float, target: float = 0.0, horizon: int = 10000):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        if self.target > 0:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.coef *= 1 + error * n_samples / self.horizon
+
+
+def derived_recipe(recipe: Recipe) -> Recipe:
+    """Train keys that follow from the RL section: one optimizer step per minibatch, the
+    checkpoints at iteration ends (the trainer restarts at an iteration's first step)."""
+    c, p = recipe.align.ppo, recipe.parallel
+    spi, every = c.steps_per_iteration, recipe.checkpoint.every_steps
+    minibatch = c.rollout_samples // c.minibatches
+    check(minibatch % (p.num_workers * recipe.train.micro_batch_size) == 0, "train.micro_batch_size",
+          f"a minibatch has {minibatch} samples: it must split evenly into {p.num_workers} workers x micro batches of "
+          f"{recipe.train.micro_batch_size}")
+    stop = recipe.run.stop_at_step
+    check(not stop or stop % spi == 0, "run.stop_at_step", f"must end an iteration (a multiple of {spi} steps)")
+    return recipe.replace(f"train.global_batch_size={minibatch}", f"train.max_steps={c.iterations * spi}",
+                          f"checkpoint.every_steps={max(1, math.ceil(every / spi)) * spi}")
+
+
+def check_rl_recipe(recipe: Recipe, max_prompt: int) -> None:
+    c = recipe.align.ppo
+    check(c.estimator == "grpo", "align.ppo.estimator",
+          "ppo needs the critic pool, which is not built yet; use grpo (group-relative advantages, no critic)")
+    check(bool(c.reward.kind), "align.ppo.reward", "give a reward source: function (module:function), model (a folder) or url")
+    check(max_prompt + c.max_new_tokens <= recipe.data.seq_len + 1, "align.ppo.max_new_tokens",
+          f"{c.max_new_tokens} new tokens after prompts of up to {max_prompt} exceed data.seq_len ({recipe.data.seq_len}) + 1")
+    check(recipe.data.seq_len < recipe.model.max_seq_len, "data.seq_len", f"must be < the model's max_seq_len ({recipe.model.max_seq_len})")
+    check(c.kl_target == 0 or c.kl_placement == "reward", "align.ppo.kl_target", "the adaptive KL controller moves the reward's KL term: set kl_in: reward")
+    if c.reward.kind == "function":
+        from llm_ray.align.rl_actors import resolve_reward_function
+
+        try:
+            resolve_reward_function(c.reward.function)
+        except ValueError as e:
+            raise RecipeError("align.ppo.reward.function", str(e)) from None
+    elif c.reward.kind == "model" and not os.path.isdir(c.reward.model):
+        raise RecipeError("align.ppo.reward.model", f"{c.reward.model} is not a folder written by `llm-ray reward`")
+
+
+def sample_seed(seed: int, iteration: int, prompt: int, sample: int) -> int:
+    """Each sample's own sampling seed: a rerun of iteration k draws the same tokens."""
+    return int(np.random.SeedSequence([seed, iteration, prompt, sample]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def experience_rows(prompt_ids: list[int], token_ids: list[int], logprobs: list[float], seq_len: int, pad_id: int):
+    """One sample -> input_ids (T,), labels (T,) and old log-probs (T,), T = seq_len; position t
+    predicts token t+1, so response token j sits at label position len(prompt) - 1 + j."""
+    from llm_ray.models.losses import IGNORE_INDEX
+
+    seq = np.full(seq_len + 1, pad_id, np.int64)
+    seq[:len(prompt_ids)] = prompt_ids
+    seq[len(prompt_ids):len(prompt_ids) + len(token_ids)] = token_ids
+    labels = np.full(seq_len, IGNORE_INDEX, np.int64)
+    start = len(prompt_ids) - 1
+    labels[start:start + len(token_ids)] = token_ids
+    old = np.zeros(seq_len, np.float32)
+    old[start:start + len(token_ids)] = logprobs
+    return seq[:-1], labels, old
+
+
+class Controller:
+    """The loop over iterations: pools in, experience out (one instance per run)."""
+
+    def __init__(self, recipe: Recipe, tuned, prompts, pools: dict, hub, pad_id: int):
+        self.recipe, self.c, self.tuned, self.prompts = recipe, recipe.align.ppo, tuned, prompts
+        self.pools, self.hub, self.pad_id = pools, hub, pad_id
+        self.kl = AdaptiveKLController(self.c.kl_coef, self.c.kl_target, self.c.kl_horizon)
+        self.latest_weights = None  # what a replacement rollout actor loads
+        self.window: list[tuple[float, int]] = []  # (reward, length) of recent samples: hacking monitor
+        self.dir = os.path.join(tuned.run.root, CONTROLLER_DIR)
+        os.makedirs(self.dir, exist_ok=True)
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_path(self, iteration: int) -> str:
+        return os.path.join(self.dir, f"state_{iteration:06d}.json")
+
+    def restore(self, iteration: int) -> None:
+        if iteration == 0:
+            return
+        with open(self.state_path(iteration)) as f:
+            state = json.load(f)
+        self.kl.coef, self.window = state["kl_coef"], [tuple(x) for x in state["window"]]
+
+    def save(self, iteration: int) -> None:
+        tmp = self.state_path(iteration) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"iteration": iteration, "kl_coef": self.kl.coef, "window": self.window}, f)
+        os.replace(tmp, self.state_path(iteration))  # whole or absent
+
+    # -- one iteration ----------------------------------------------------------------------------
+    def wait_weights(self, version: int, trainer: threading.Thread):
+        import ray
+
+        deadline = time.perf_counter() + self.c.timeout_s
+        while True:
+            try:
+                return ray.get(self.hub.wait_weights.remote(version, 2.0), timeout=30)
+            except ray.exceptions.RayTaskError:  # the hub's 2 s wait ran out
+                if not trainer.is_alive():
+                    error = getattr(trainer, "error", None)
+                    raise RuntimeError(f"the trainer stopped before publishing weights {version}: {error!r}") from error
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"trainer: no weights {version} within {self.c.timeout_s:.0f}s") from None
+
+    def push_weights(self, weights) -> float:
+        self.latest_weights = weights
+        version, refs, checksum, _ = weights
+        started = time.perf_counter()
+        self.pools["rollout"].call_all("update_weights", version, refs, checksum)
+        return time.perf_counter() - started
+
+    def ready_replacement(self, actor) -> None:
+        import ray
+
+        if self.latest_weights is not None:
+            version, refs, checksum, _ = self.latest_weights
+            ray.get(actor.update_weights.remote(version, refs, checksum), timeout=self.c.timeout_s)
+
+    def prompt_indices(self, iteration: int) -> np.ndarray:
+        from llm_ray.data.sampler import GlobalSampler
+
+        n = self.c.prompts_per_iteration
+        return GlobalSampler(len(self.prompts), self.recipe.train.seed).sample_ids(np.arange(iteration * n, (iteration + 1) * n))
+
+    def rollout(self, iteration: int, indices: np.ndarray) -> list[dict]:
+        g, seed = self.c.samples_per_prompt, self.recipe.train.seed
+        requests = [(self.prompts.ids[i], [sample_seed(seed, iteration, int(i), j) for j in range(g)]) for i in indices]
+        groups = self.pools["rollout"].map_shards("generate", requests, self.c.max_new_tokens, self.c.temperature)
+        return [s for group in groups for s in group]  # a prompt's samples adjacent
+
+    def make_experience(self, iteration: int, version: int) -> tuple[dict, dict]:
+        from llm_ray.models.losses import group_advantages, kl_penalty
+
+        import torch
+
+        c, tok = self.c, self.tuned.bundle.tokenizer
+        indices = self.prompt_indices(iteration)
+        times = {}
+        t0 = time.perf_counter()
+        samples = self.rollout(iteration, indices)
+        times["rollout_s"] = time.perf_counter() - t0
+        lag = [version - s["weight_version"] for s in samples]
+        owners = np.repeat(indices, c.samples_per_prompt)
+        completions = [tok.decode(s["token_ids"], skip_special_tokens=True) for s in samples]
+        t0 = time.perf_counter()
+        items = [(self.prompts.messages[i], text, self.prompts.columns[i]) for i, text in zip(owners, completions)]
+        rewards = np.asarray(self.pools["reward"].map_shards("score", items), np.float32)
+        times["reward_s"] = time.perf_counter() - t0
+        rows = [experience_rows(self.prompts.ids[i], s["token_ids"], s["logprobs"], self.recipe.data.seq_len, self.pad_id)
+                for i, s in zip(owners, samples)]
+        t0 = time.perf_counter()
+        ref = np.stack(self.pools["reference"].map_shards("logprobs", [(r[0], r[1]) for r in rows], c.temperature))
+        times["reference_s"] = time.perf_counter() - t0
+        input_ids, labels, old = (np.stack([r[k] for r in rows]) for k in range(3))
+        mask = labels != -100
+        kl_tokens = kl_penalty(torch.from_numpy(old), torch.from_numpy(ref), c.kl_estimator).numpy() * mask
+        kl_seq = kl_tokens.sum(1)  # (N,) per-sequence KL estimate
+        shaped = rewards - self.kl.coef * kl_seq if c.kl_placement == "reward" else rewards
+        adv = group_advantages(torch.from_numpy(shaped), c.samples_per_prompt, c.group_scale).numpy()
+        arrays = {"input_ids": input_ids, "labels": labels, "old_logprobs": old, "ref_logprobs": ref.astype(np.float32),
+                  "advantages": (adv[:, None] * mask).astype(np.float32), "rewards": rewards}
+        lengths = mask.sum(1)
+        stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                 "kl_seq_mean": float(kl_seq.mean()), "kl_coef": self.kl.coef, "response_length": float(lengths.mean()),
+                 "finished_share": float(np.mean([s["finish_reason"] == "stop" for s in samples])),
+                 "off_policy_lag_max": int(max(lag)), "samples": len(samples), "prompt_indices": indices.tolist(), **times}
+        self.kl.update(float(kl_seq.mean()), len(samples))
+        stats.update(self.monitor(rewards, lengths))
+        return arrays, stats
+
+    def monitor(self, rewards: np.ndarray, lengths: np.ndarray) -> dict:
+        """Reward hacking through length: the reward/length correlation over a window of samples."""
+        self.window = (self.window + list(zip(rewards.tolist(), lengths.tolist())))[-512:]
+        r, n = np.asarray(self.window).T
+        corr = float(np.corrcoef(r, n)[0, 1]) if r.std() > 0 and n.std() > 0 else 0.0
+        if abs(corr) > 0.7 and len(self.window) >= 64:
+            logger.warning("reward and response length correlate at %.2f over the last %d samples: "
+                           "the policy may be gaming the reward through length", corr, len(self.window))
+        return {"reward_length_corr": corr}
+
+
+def launch_pools(c, init_dir: str, controller_ready) -> dict:
+    from llm_ray.align.pools import RayActorGroup
+    from llm_ray.align.rl_actors import ReferenceActor, RewardActor, RolloutActor
+
+    common = {"timeout_s": c.timeout_s, "max_restarts": c.max_actor_restarts}
+    return {
+        "rollout": RayActorGroup("rollout", RolloutActor, c.rollout, (init_dir, c.rollout_batch_size), on_replace=controller_ready, **common),
+        "reward": RayActorGroup("reward", RewardActor, c.reward_pool, (dataclasses.asdict(c.reward), c.timeout_s), **common),
+        "reference": RayActorGroup("reference", ReferenceActor, c.reference, (init_dir,), **common),
+    }
+
+
+class TrainerThread(threading.Thread):
+    """The policy's engine run (a blocking ``fit``) beside the controller loop; keeps its
+    summary or the error that ended it, for the controller to report."""
+
+    def __init__(self, fit):
+        super().__init__(name="ppo-trainer", daemon=True)
+        self.fit, self.summary, self.error = fit, None, None
+
+    def run(self) -> None:
+        try:
+            self.summary = self.fit()
+        except BaseException as e:  # re-raised by the driver
+            self.error = e
+
+
+def completed_iterations(run, steps_per_iteration: int) -> int:
+    """Iterations the run's latest complete checkpoint holds (where a rerun continues)."""
+    from llm_ray.train.checkpointing import MANIFEST, latest_complete_checkpoint
+
+    ckpt = latest_complete_checkpoint(run)
+    if ckpt is None:
+        return 0
+    return json.loads(ckpt.read_text(MANIFEST))["train_state"]["step"] // steps_per_iteration
+
+
+def run_iterations(ctl: Controller, start: int, end: int, trainer: threading.Thread) -> list[dict]:
+    """Iterations ``start``..``end``-1; one row of rollout metrics each (also in controller/)."""
+    import ray
+    from torch.utils.tensorboard import SummaryWriter
+
+    c, rows = ctl.c, []
+    writer = SummaryWriter(os.path.join(ctl.tuned.run.root, "tensorboard", "rollout"), purge_step=start)
+    with open(os.path.join(ctl.dir, "rollout.jsonl"), "a") as log:
+        ready_at = time.perf_counter()
+        for k in range(start, end):
+            weights = ctl.wait_weights(k, trainer)
+            update_s = time.perf_counter() - ready_at  # the trainer's steps and its gather since the last put
+            begun = time.perf_counter()
+            busy = {name: pool.busy_s for name, pool in ctl.pools.items()}
+            sync_s = ctl.push_weights(weights)
+            arrays, stats = ctl.make_experience(k, weights[0])
+            ctl.save(k + 1)
+            ray.get(ctl.hub.put.remote(k, arrays), timeout=c.timeout_s)
+            ready_at = time.perf_counter()
+            wall = ready_at - begun + (update_s if k > start else 0.0)
+            row = {"iteration": k, "weight_version": weights[0], **stats, "sync_s": sync_s + weights[3],
+                   "update_s": update_s if k > start else None,
+                   "sync_share": (sync_s + weights[3]) / wall if wall else None,
+                   **{f"{n}_idle_share": 1 - (p.busy_s - busy[n]) / (wall * len(p.actors)) for n, p in ctl.pools.items()},
+                   "restarts": {n: p.restarts for n, p in ctl.pools.items()},
+                   "pids": {n: list(p.pids) for n, p in ctl.pools.items()}, "time": time.time()}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("iteration", "time"):
+                    writer.add_scalar(f"rollout/{key}", value, k)
+            logger.info("iteration %d: reward %.3f kl %.4f length %.1f", k, stats["reward_mean"], stats["kl_seq_mean"], stats["response_length"])
+            rows.append(row)
+    writer.close()
+    return rows
+
+
+def ppo(recipe: Recipe) -> StageResult:
+    import ray
+
+    from llm_ray.align.experience import ExperienceSource
+    from llm_ray.align.objectives import PolicyGradient
+    from llm_ray.align.prompts import load_prompts
+    from llm_ray.align.rl_actors import ExperienceHubActor
+    from llm_ray.bundle import save_bundle
+    from llm_ray.generation.api import pad_id_for
+    from llm_ray.train import tuning
+    from llm_ray.train.launcher import ensure_ray
+
+    started = time.time()
+    tuned = tuning.start(recipe, "ppo", arch="decoder")  # before any Ray work
+    recipe = tuned.recipe = derived_recipe(tuned.recipe)
+    c, ft = recipe.align.ppo, recipe.finetune
+    max_prompt = recipe.align.max_prompt_tokens or recipe.data.seq_len // 2
+    check_rl_recipe(recipe, max_prompt)
+    prompts, rejects = load_prompts(ft.train_path, tuned.bundle, max_prompt, ft.system_prompt, recipe.run.s3_endpoint)
+    rejects_file = tuned.write_rejects(rejects)
+    spi = c.steps_per_iteration
+    start = completed_iterations(tuned.run, spi)
+
+    ensure_ray()
+    hub = ray.remote(ExperienceHubActor).options(num_cpus=0, max_concurrency=64).remote()
+    ctl = Controller(recipe, tuned, prompts, {}, hub, pad_id_for(tuned.bundle))
+    ctl.restore(start)
+    ctl.pools = launch_pools(c, tuned.init_dir, ctl.ready_replacement)
+    spec = tuned.spec([tuned.init_weights] + tuning.converters_for(ft))
+    objective = PolicyGradient(hub, spi, recipe.train.max_steps, c.temperature, c.clip_eps, c.clip_eps_high, c.loss_aggregate,
+                               c.kl_coef if c.kl_placement == "loss" else 0.0, c.kl_estimator, c.entropy_coef,
+                               c.weight_sync_bucket_mb, c.timeout_s, name=c.estimator)
+    source = ExperienceSource(hub, c.rollout_samples, c.ppo_epochs, c.minibatches, recipe.train.seed, c.timeout_s)
+
+    trainer = TrainerThread(lambda: tuned.train(spec, objective, source))
+    trainer.start()
+    try:
+        stop = recipe.run.stop_at_step
+        rows = run_iterations(ctl, start, stop // spi if stop else c.iterations, trainer)
+    except BaseException:
+        ray.kill(hub)  # a trainer waiting for experience fails at once instead of at its timeout
+        trainer.join(timeout=120)
+        raise
+    finally:
+        restarts = {n: p.restarts for n, p in ctl.pools.items()}
+        for pool in ctl.pools.values():
+            pool.shutdown()
+    trainer.join()
+    if trainer.error is not None:
+        raise trainer.error
+    train_summary = trainer.summary
+
+    trained, manifest, ckpt = tuning.trained_module(tuned, spec)
+    provenance = {**tuned.provenance(manifest, ckpt, c.estimator), c.estimator: dataclasses.asdict(c)}
+    save_bundle(spec.finalize(trained).cpu(), recipe.model, tuned.bundle.tokenizer.to_str(), tuned.out_dir, provenance,
+                tuned.tokenizer_config())
+    all_rows = [json.loads(line) for line in open(os.path.join(ctl.dir, "rollout.jsonl")) if line.strip()]
+    by_iteration = {r["iteration"]: r for r in all_rows}  # a rerun's rows replace an interrupted run's
+    first, last = by_iteration[min(by_iteration)], by_iteration[max(by_iteration)]
+    last_step = train_summary["last_step_metrics"]
+    summary = {
+        "out_dir": tuned.out_dir,
+        "run_dir": tuned.run.uri,
+        "init_from": ft.init_from,
+        "estimator": c.estimator,
+        "iterations": c.iterations,
+        "resumed_at_iteration": start,
+        "prompts": len(prompts),
+        "rejected": len(rejects),
+        "rejects_file": rejects_file,
+        "prompt_truncated": prompts.truncated,
+        "reward_first": first["reward_mean"],
+        "reward_last": last["reward_mean"],
+        "kl_last": last["kl_seq_mean"],
+        "response_length_last": last["response_length"],
+        "logprob_mismatch_max": max((m.get("logprob_mismatch", 0.0) for m in _train_rows(tuned.run)), default=None),
+        "pool_restarts": restarts,
+        "mean_phase_s": {k: float(np.mean([r[k] for r in rows if r.get(k) is not None])) if rows else None
+                         for k in ("rollout_s", "reward_s", "reference_s", "sync_s", "update_s")},
+        **tuning.training_figures(train_summary),
+        "last_policy_loss": last_step.get("policy_loss"),
+        "wall_s": round(time.time() - started, 2),
+    }
+    return write_summary(tuned.out_dir, summary)
+
+
+def _train_rows(run) -> list[dict]:
+    from llm_ray.train.metrics import read_metrics
+
+    return list(read_metrics(run).values())
