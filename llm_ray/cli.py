@@ -147,6 +147,12 @@ def cmd_ppo(args) -> None:
     _print_result(ppo(_recipe(args)))
 
 
+def cmd_bench_ppo(args) -> None:
+    from llm_ray.bench.ppo import bench_ppo
+
+    bench_ppo(args.recipe, args.set, iterations=args.iterations)
+
+
 def cmd_bench_dpo(args) -> None:
     from llm_ray.bench.dpo import bench_dpo
 
@@ -269,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. finetune.init_from=smollm2")
     b.add_argument("--steps", type=int, default=10)
     b.set_defaults(func=cmd_bench_dpo)
+    b = bsub.add_parser("ppo", help="one RL run: samples/s, each phase's share, rollout pool vs the engine alone")
+    b.add_argument("recipe", nargs="?", default="jobs/recipes/grpo-tiny.yaml", help="ppo recipe")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. align.ppo.estimator=ppo")
+    b.add_argument("--iterations", type=int, default=6, help="iterations of the run (the first is left out)")
+    b.set_defaults(func=cmd_bench_ppo)
     b = bsub.add_parser("data", help="prepare throughput vs plain read + tokenize; data-wait share of step time")
     b.add_argument("--copies", type=int, default=8, help="copies of the bundled corpus (words shuffled) as input")
     b.add_argument("--steps", type=int, default=30)

@@ -21,6 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # credentials, and nothing may fall back to a real AWS account from a test.
 for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ[_key] = _value
+# Ray Train's controller polls its workers every 2 s: a tiny run's start and end each wait for a
+# poll. Tests run dozens of tiny runs, so poll faster (latency only; users keep the default).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 @pytest.fixture(scope="session")

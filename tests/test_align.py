@@ -229,3 +229,53 @@ def test_lora_dpo_references_agree_and_bad_records_are_quarantined(ray_cluster, 
         assert reason in reasons, (reason, reasons)
     assert s["rejected"] == len(rejects) and sum(s["rejected_by_reason"].values()) == len(rejects)
     assert s["train_pairs"] + s["eval_pairs"] >= len(good_lines)  # no good pair was lost
+
+
+def rl_recipe(model_dir: str, storage, name: str, *extra: str):
+    return load_recipe(str(REPO / "jobs/recipes/grpo-tiny.yaml"), [
+        f"finetune.init_from={model_dir}", f"run.storage_path={storage}", f"run.name={name}",
+        "align.ppo.rollout.num_cpus=0", "checkpoint.every_steps=1000", *extra])
+
+
+@pytest.mark.slow
+def test_grpo_with_the_trained_reward_model_as_reward_pool_raises_its_reward(baseline, tiny_model_dir, tmp_path):
+    """The reward pool scores with the folder ``llm-ray reward`` wrote. Eight prompts, so every
+    iteration samples the same ones and the reward model's spread over prompts (std ~1.5 here)
+    does not hide what the policy learned."""
+    from llm_ray.align.ppo import ppo
+
+    _, rm = baseline("reward")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join((REPO / "jobs/data/rl/prompts.jsonl").read_text().splitlines(keepends=True)[:8]))
+    ppo(rl_recipe(tiny_model_dir, tmp_path, "grpo-rm", f"finetune.train_path={prompts}", "align.ppo.iterations=12",
+                  "align.ppo.kl_coef=0.02", "align.ppo.reward.function=", f"align.ppo.reward.model={rm.out_dir}"))
+    rows = [json.loads(line) for line in open(tmp_path / "grpo-rm" / "controller" / "rollout.jsonl")]
+    rewards = [r["reward_mean"] for r in rows]
+    assert len(rewards) == 12 and sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+
+
+@pytest.mark.slow
+def test_ppo_critic_starts_from_the_reward_model(baseline, tiny_model_dir, tmp_path):
+    """critic_from auto with a reward-model reward: the value model is the reward model's
+    backbone and its scalar head (OpenRLHF's default), built from the folder as written."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llm_ray.align.ppo import critic_run, derived_recipe
+    from llm_ray.bundle.heads import load_classifier
+    from llm_ray.train import tuning
+
+    _, rm = baseline("reward")
+    recipe = rl_recipe(tiny_model_dir, tmp_path, "critic", f"finetune.train_path={REPO / 'jobs/data/rl/prompts.jsonl'}",
+                       "align.ppo.estimator=ppo", "align.ppo.samples_per_prompt=1", "align.ppo.prompts_per_iteration=32",
+                       "align.ppo.reward.function=", f"align.ppo.reward.model={rm.out_dir}", "align.ppo.critic_lr=1e-4")
+    tuned = tuning.start(recipe, "ppo", arch="decoder")
+    tuned.recipe = derived_recipe(tuned.recipe)
+    critic_tuned, spec = critic_run(tuned)
+    critic = spec.build()
+    head = load_file(f"{rm.out_dir}/classifier.safetensors")
+    assert torch.equal(critic.value_head.weight, head["weight"]) and torch.equal(critic.value_head.bias, head["bias"])
+    reward_model = load_classifier(rm.out_dir)[0]
+    for (name, p), (_, q) in zip(critic.backbone.named_parameters(), reward_model.backbone.named_parameters()):
+        assert torch.equal(p, q), name
+    assert critic_tuned.run.uri.endswith("critic-critic") and critic_tuned.recipe.optim.lr == 1e-4

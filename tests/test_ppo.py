@@ -4,6 +4,7 @@ engine), reward pool (a rule function), reference pool, the policy on Ray Train 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -21,6 +22,7 @@ def grpo_recipe(model_dir: str, storage, name: str, *extra: str):
         f"run.storage_path={storage}",
         f"run.name={name}",
         "align.ppo.rollout.num_cpus=0",
+        "checkpoint.every_steps=1000",  # only the final (or stop) checkpoint: a save costs ~1.5 s
         *extra,
     ])
 
@@ -70,9 +72,50 @@ def test_rollout_and_trainer_logprobs_agree_on_the_same_weights(grpo_run):
     assert result.summary["logprob_mismatch_max"] < 1e-4
 
 
+def test_ppo_with_a_critic_raises_the_rule_reward(ray_cluster, tiny_model_dir, tmp_path):
+    """PPO proper: a critic pool and a critic trainer (value loss on the engine, its own run
+    folder) beside the policy; per-token rewards with the KL in them, GAE, whitened advantages."""
+    from llm_ray.align.ppo import ppo
+    from llm_ray.storage import resolve_storage
+    from llm_ray.train.metrics import read_metrics
+
+    result = ppo(grpo_recipe(tiny_model_dir, tmp_path, "ppo", "align.ppo.estimator=ppo", "align.ppo.iterations=8",
+                             "align.ppo.samples_per_prompt=1", "align.ppo.prompts_per_iteration=32",
+                             "align.ppo.kl_estimator=k1", "align.ppo.kl_coef=0.01", "align.ppo.critic_from=policy"))
+    rows = rollout_rows(result.out_dir)
+    rewards = [rows[k]["reward_mean"] for k in range(8)]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
+    assert all(rows[k]["kl_seq_mean"] < 15.0 for k in rows), [rows[k]["kl_seq_mean"] for k in rows]
+    assert all("critic_s" in rows[k] for k in rows)
+    critic = read_metrics(resolve_storage(str(tmp_path)).child("ppo-critic"))
+    assert sorted(critic) == list(range(1, 65))  # the critic trained every step the policy did
+    assert all(math.isfinite(m["loss"]) for m in critic.values())
+    # the critic learns the returns: its value loss falls from its first iteration to its last
+    first, last = (sum(critic[s]["loss"] for s in steps) / 8 for steps in (range(1, 9), range(57, 65)))
+    assert last < first, (first, last)
+
+
+def test_value_model_is_causal_and_aligned_with_labels(tiny_model_dir):
+    """values[:, t] is the value of the text up to token t: changing token t+1 leaves it alone."""
+    import torch
+
+    from llm_ray.bundle import load_bundle
+    from llm_ray.models.heads import ValueModel
+
+    torch.manual_seed(0)
+    critic = ValueModel(load_bundle(tiny_model_dir).model).eval()
+    ids = torch.randint(5, 100, (2, 12))
+    other = ids.clone()
+    other[:, 7] = (other[:, 7] + 1) % 100
+    with torch.no_grad():
+        a, b = critic(ids), critic(other)
+    assert a.shape == (2, 12)
+    assert torch.equal(a[:, :7], b[:, :7]) and not torch.allclose(a[:, 7:], b[:, 7:])
+
+
 @pytest.mark.parametrize("override,key", [
     ("align.ppo.reward.function=llm_ray.align.rule_rewards:no_such_fn", "align.ppo.reward.function"),
-    ("align.ppo.estimator=ppo", "align.ppo.estimator"),
+    ("align.ppo.critic_from=reward_model", "align.ppo.critic_from"),
     ("align.ppo.max_new_tokens=40", "align.ppo.max_new_tokens"),
     ("align.ppo.minibatches=3", "align.ppo.minibatches"),
 ])
@@ -132,3 +175,27 @@ def test_stop_rerun_and_a_killed_rollout_actor_give_the_uninterrupted_numbers(gr
     assert sorted(loss) == sorted(want) == list(range(1, 81))
     for s in want:
         assert loss[s] == pytest.approx(want[s], abs=1e-6), s
+
+
+def test_weight_sync_sends_merged_lora_targets_under_the_plain_names(tiny_model_dir):
+    """With LoRA only the targets change: the sync sends each target's merged weight under the
+    plain model's name (what the rollout engine's model has), and nothing frozen."""
+    import torch
+
+    from llm_ray.align.experience import _changing_tensors
+    from llm_ray.bundle import load_bundle
+    from llm_ray.models.converters import LoRA, LoadWeights, ModelSpec
+
+    bundle = load_bundle(tiny_model_dir)
+    spec = ModelSpec.of(bundle.cfg, [LoadWeights(os.path.join(tiny_model_dir, "model.safetensors")), LoRA(["q_proj", "v_proj"], 4, 8.0)])
+    model = spec.build()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a trained adapter: the merged weight differs from the base
+    sent = {name: make().detach() for name, _, make in _changing_tensors(model)}
+    merged = dict(spec.finalize(model).named_parameters())
+    plain = dict(bundle.model.named_parameters())
+    assert sent and set(sent) <= set(plain)
+    assert all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in sent), sorted(sent)
+    for name, t in sent.items():
+        assert torch.allclose(t, merged[name], atol=1e-6) and not torch.allclose(t, plain[name])

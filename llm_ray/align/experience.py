@@ -6,7 +6,7 @@ rollouts, ``ppo_epochs`` passes over them in a seeded order. The data position t
 its checkpoint is the step, so a resumed or restarted trainer asks the hub for the same
 iteration and minibatch again.
 
-``publish_policy`` sends the trained weights to the hub after each iteration's last step (and at
+``publish_weights`` sends the trained weights (policy or critic) to the hub after each iteration's last step (and at
 start: a resumed run's rollout pool must sample from the resumed policy). Only what training
 changes travels (LoRA: the merged target matrices; frozen tensors never), packed into buckets of
 about ``bucket_mb`` so one message holds many tensors — OpenRLHF #533 measured weight sync at
@@ -116,8 +116,9 @@ def policy_buckets(engine, bucket_mb: float) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def publish_policy(engine, hub, version: int, bucket_mb: float, timeout_s: float) -> None:
-    """Gather, put in the object store, and publish ``version`` to the hub (rank 0 sends)."""
+def publish_weights(engine, hub, channel: str, version: int, bucket_mb: float, timeout_s: float) -> None:
+    """Gather, put in the object store, and publish ``version`` of ``channel`` (policy,
+    critic) to the hub (rank 0 sends)."""
     import ray
 
     from llm_ray.align.rl_actors import weights_checksum
@@ -128,7 +129,7 @@ def publish_policy(engine, hub, version: int, bucket_mb: float, timeout_s: float
         refs = [ray.put(b) for b in buckets]
         checksum = weights_checksum(buckets)
         try:
-            ray.get(hub.publish.remote(version, refs, checksum, time.perf_counter() - started), timeout=timeout_s)
+            ray.get(hub.publish.remote(channel, version, refs, checksum, time.perf_counter() - started), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"trainer: publishing weights {version} to the hub took over {timeout_s:.0f}s") from None
+            raise TimeoutError(f"{channel} trainer: publishing weights {version} to the hub took over {timeout_s:.0f}s") from None
     dist.barrier()

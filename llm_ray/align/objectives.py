@@ -112,7 +112,51 @@ class DPO(Objective):
 
 
 @dataclass
-class PolicyGradient(Objective):
+class RLObjective(Objective):
+    """An objective trained on rollouts that publishes its model to the hub after each
+    iteration's last step and at start (a resumed run's pools must use the resumed weights)."""
+
+    hub: object  # ExperienceHubActor handle
+    steps_per_iteration: int
+    max_steps: int
+    bucket_mb: float = 32.0
+    timeout_s: float = 300.0
+    channel: str = "policy"  # which model's weights: policy (rollout pool) or critic
+
+    def _publish(self, engine, step: int) -> None:
+        from llm_ray.align.experience import publish_weights
+
+        publish_weights(engine, self.hub, self.channel, step // self.steps_per_iteration, self.bucket_mb, self.timeout_s)
+
+    def on_train_start(self, engine, step: int) -> None:
+        self._publish(engine, step)
+
+    def after_step(self, engine, step: int) -> None:
+        if step % self.steps_per_iteration == 0 and step < self.max_steps:
+            self._publish(engine, step)
+
+
+@dataclass
+class ValueRegression(RLObjective):
+    """PPO's critic: the clipped value loss against the GAE returns of the rollouts."""
+
+    value_clip: float = 0.2  # 0: unclipped
+    name: str = "value"
+    batch_fields = ("input_ids", "labels", "old_values", "returns")
+
+    def loss(self, engine, batch, frozen):
+        from llm_ray.models.losses import IGNORE_INDEX, masked_mean, value_loss
+
+        mask = batch["labels"] != IGNORE_INDEX
+        values = engine(batch["input_ids"])  # (B, T)
+        loss, metrics = value_loss(values, batch["old_values"], batch["returns"], mask, self.value_clip or None)
+        metrics["value_mean"] = masked_mean(values.detach().float(), mask)
+        metrics["return_mean"] = masked_mean(batch["returns"].float(), mask)
+        return loss, metrics
+
+
+@dataclass
+class PolicyGradient(RLObjective):
     """PPO's clipped policy loss on rollouts (GRPO is this loss with group advantages).
 
     The batch (``align/experience.py``): full sequences ``input_ids``/``labels`` (response
@@ -123,9 +167,6 @@ class PolicyGradient(Objective):
     After each iteration's last step the policy is published to the hub for the rollout pool.
     """
 
-    hub: object  # ExperienceHubActor handle
-    steps_per_iteration: int
-    max_steps: int
     temperature: float = 1.0
     clip_eps: float = 0.2
     clip_eps_high: float = 0.0
@@ -133,21 +174,8 @@ class PolicyGradient(Objective):
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
-    bucket_mb: float = 32.0
-    timeout_s: float = 300.0
     name: str = "policy_gradient"
     batch_fields = ("input_ids", "labels", "old_logprobs", "ref_logprobs", "advantages", "rewards", "fresh")
-
-    def on_train_start(self, engine, step: int) -> None:
-        from llm_ray.align.experience import publish_policy
-
-        publish_policy(engine, self.hub, step // self.steps_per_iteration, self.bucket_mb, self.timeout_s)
-
-    def after_step(self, engine, step: int) -> None:
-        from llm_ray.align.experience import publish_policy
-
-        if step % self.steps_per_iteration == 0 and step < self.max_steps:
-            publish_policy(engine, self.hub, step // self.steps_per_iteration, self.bucket_mb, self.timeout_s)
 
     def loss(self, engine, batch, frozen):
         from llm_ray.models.losses import IGNORE_INDEX, entropy_from_logits, kl_penalty, masked_mean, policy_loss, token_logprobs

@@ -32,7 +32,8 @@ from llm_ray.config.loader import check
 from llm_ray.stage import StageResult, write_summary
 
 logger = logging.getLogger("llm_ray.rl")
-CONTROLLER_DIR = "controller"  # per-iteration controller state and rollout metrics in the run folder
+CONTROLLER_DIR = "controller"
+POOL_OF = {"policy": "rollout", "critic": "critic"}  # which pool runs each trained model  # per-iteration controller state and rollout metrics in the run folder
 
 
 class AdaptiveKLController:
@@ -64,8 +65,6 @@ def derived_recipe(recipe: Recipe) -> Recipe:
 
 def check_rl_recipe(recipe: Recipe, max_prompt: int) -> None:
     c = recipe.align.ppo
-    check(c.estimator == "grpo", "align.ppo.estimator",
-          "ppo needs the critic pool, which is not built yet; use grpo (group-relative advantages, no critic)")
     check(bool(c.reward.kind), "align.ppo.reward", "give a reward source: function (module:function), model (a folder) or url")
     check(max_prompt + c.max_new_tokens <= recipe.data.seq_len + 1, "align.ppo.max_new_tokens",
           f"{c.max_new_tokens} new tokens after prompts of up to {max_prompt} exceed data.seq_len ({recipe.data.seq_len}) + 1")
@@ -110,7 +109,7 @@ class Controller:
         self.recipe, self.c, self.tuned, self.prompts = recipe, recipe.align.ppo, tuned, prompts
         self.pools, self.hub, self.pad_id = pools, hub, pad_id
         self.kl = AdaptiveKLController(self.c.kl_coef, self.c.kl_target, self.c.kl_horizon)
-        self.latest_weights = None  # what a replacement rollout actor loads
+        self.latest_weights: dict = {}  # channel -> what a replacement actor loads
         self.window: list[tuple[float, int]] = []  # (reward, length) of recent samples: hacking monitor
         self.dir = os.path.join(tuned.run.root, CONTROLLER_DIR)
         os.makedirs(self.dir, exist_ok=True)
@@ -133,33 +132,36 @@ class Controller:
         os.replace(tmp, self.state_path(iteration))  # whole or absent
 
     # -- one iteration ----------------------------------------------------------------------------
-    def wait_weights(self, version: int, trainer: threading.Thread):
+    def wait_weights(self, channel: str, version: int, trainers: list["TrainerThread"]):
         import ray
 
         deadline = time.perf_counter() + self.c.timeout_s
         while True:
             try:
-                return ray.get(self.hub.wait_weights.remote(version, 2.0), timeout=30)
+                return ray.get(self.hub.wait_weights.remote(channel, version, 2.0), timeout=30)
             except ray.exceptions.RayTaskError:  # the hub's 2 s wait ran out
-                if not trainer.is_alive():
-                    error = getattr(trainer, "error", None)
-                    raise RuntimeError(f"the trainer stopped before publishing weights {version}: {error!r}") from error
+                for t in trainers:
+                    if not t.is_alive():
+                        raise RuntimeError(f"the {t.role} trainer stopped before {channel} weights {version}: {t.error!r}") from t.error
                 if time.perf_counter() > deadline:
-                    raise TimeoutError(f"trainer: no weights {version} within {self.c.timeout_s:.0f}s") from None
+                    raise TimeoutError(f"{channel} trainer: no weights {version} within {self.c.timeout_s:.0f}s") from None
 
-    def push_weights(self, weights) -> float:
-        self.latest_weights = weights
+    def push_weights(self, channel: str, weights) -> float:
+        """Weights to the pool that uses them: policy -> rollout, critic -> critic."""
+        self.latest_weights[channel] = weights
         version, refs, checksum, _ = weights
         started = time.perf_counter()
-        self.pools["rollout"].call_all("update_weights", version, refs, checksum)
+        self.pools[POOL_OF[channel]].call_all("update_weights", version, refs, checksum)
         return time.perf_counter() - started
 
-    def ready_replacement(self, actor) -> None:
-        import ray
+    def ready_replacement(self, channel: str):
+        def ready(actor) -> None:
+            import ray
 
-        if self.latest_weights is not None:
-            version, refs, checksum, _ = self.latest_weights
-            ray.get(actor.update_weights.remote(version, refs, checksum), timeout=self.c.timeout_s)
+            if channel in self.latest_weights:
+                version, refs, checksum, _ = self.latest_weights[channel]
+                ray.get(actor.update_weights.remote(version, refs, checksum), timeout=self.c.timeout_s)
+        return ready
 
     def prompt_indices(self, iteration: int) -> np.ndarray:
         from llm_ray.data.sampler import GlobalSampler
@@ -200,10 +202,17 @@ class Controller:
         mask = labels != -100
         kl_tokens = kl_penalty(torch.from_numpy(old), torch.from_numpy(ref), c.kl_estimator).numpy() * mask
         kl_seq = kl_tokens.sum(1)  # (N,) per-sequence KL estimate
-        shaped = rewards - self.kl.coef * kl_seq if c.kl_placement == "reward" else rewards
-        adv = group_advantages(torch.from_numpy(shaped), c.samples_per_prompt, c.group_scale).numpy()
         arrays = {"input_ids": input_ids, "labels": labels, "old_logprobs": old, "ref_logprobs": ref.astype(np.float32),
-                  "advantages": (adv[:, None] * mask).astype(np.float32), "rewards": rewards}
+                  "rewards": rewards}
+        if c.estimator == "grpo":
+            shaped = rewards - self.kl.coef * kl_seq if c.kl_placement == "reward" else rewards
+            adv = group_advantages(torch.from_numpy(shaped), c.samples_per_prompt, c.group_scale).numpy()
+            arrays["advantages"] = (adv[:, None] * mask).astype(np.float32)
+        else:
+            t0 = time.perf_counter()
+            values = np.stack(self.pools["critic"].map_shards("values", [(r[0], r[1]) for r in rows]))
+            times["critic_s"] = time.perf_counter() - t0
+            arrays.update(self.gae_advantages(rewards, kl_tokens, values, mask))
         lengths = mask.sum(1)
         stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                  "kl_seq_mean": float(kl_seq.mean()), "kl_coef": self.kl.coef, "response_length": float(lengths.mean()),
@@ -212,6 +221,24 @@ class Controller:
         self.kl.update(float(kl_seq.mean()), len(samples))
         stats.update(self.monitor(rewards, lengths))
         return arrays, stats
+
+    def gae_advantages(self, rewards: np.ndarray, kl_tokens: np.ndarray, values: np.ndarray, mask: np.ndarray) -> dict:
+        """PPO: per-token rewards (−β·KL at every response token when the KL is in the reward,
+        the reward model's score at the last one), GAE over the critic's values, whitened."""
+        import torch
+
+        from llm_ray.models.losses import gae, masked_whiten
+
+        c = self.c
+        token_rewards = -self.kl.coef * kl_tokens if c.kl_placement == "reward" else np.zeros_like(kl_tokens)
+        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # (N,) the last response position
+        token_rewards[np.arange(len(rewards)), last] += rewards
+        m = torch.from_numpy(mask)
+        adv, ret = gae(torch.from_numpy(token_rewards.astype(np.float32)), torch.from_numpy(values), m, c.gamma, c.lam)
+        if c.whiten_advantages:
+            adv = masked_whiten(adv, m)
+        return {"advantages": adv.numpy().astype(np.float32), "old_values": (values * mask).astype(np.float32),
+                "returns": ret.numpy().astype(np.float32)}
 
     def monitor(self, rewards: np.ndarray, lengths: np.ndarray) -> dict:
         """Reward hacking through length: the reward/length correlation over a window of samples."""
@@ -224,25 +251,54 @@ class Controller:
         return {"reward_length_corr": corr}
 
 
-def launch_pools(c, init_dir: str, controller_ready) -> dict:
+def launch_pools(c, init_dir: str, ready_replacement, critic_spec=None) -> dict:
+    """The pools of a run; ``ready_replacement(channel)`` readies a replacement actor."""
     from llm_ray.align.pools import RayActorGroup
-    from llm_ray.align.rl_actors import ReferenceActor, RewardActor, RolloutActor
+    from llm_ray.align.rl_actors import CriticActor, ReferenceActor, RewardActor, RolloutActor
 
     common = {"timeout_s": c.timeout_s, "max_restarts": c.max_actor_restarts}
-    return {
-        "rollout": RayActorGroup("rollout", RolloutActor, c.rollout, (init_dir, c.rollout_batch_size), on_replace=controller_ready, **common),
+    pools = {
+        "rollout": RayActorGroup("rollout", RolloutActor, c.rollout, (init_dir, c.rollout_batch_size),
+                                 on_replace=ready_replacement("policy"), **common),
         "reward": RayActorGroup("reward", RewardActor, c.reward_pool, (dataclasses.asdict(c.reward), c.timeout_s), **common),
         "reference": RayActorGroup("reference", ReferenceActor, c.reference, (init_dir,), **common),
     }
+    if critic_spec is not None:
+        pools["critic"] = RayActorGroup("critic", CriticActor, c.critic, (critic_spec,), on_replace=ready_replacement("critic"), **common)
+    return pools
+
+
+def critic_run(tuned):
+    """(the critic's TunedRun — its own run folder ``<run.name>-critic``, lr ``critic_lr`` — and
+    its ModelSpec): a value model from the reward model or from the policy."""
+    from llm_ray.bundle import WEIGHTS, load_bundle
+    from llm_ray.bundle.heads import HEAD_WEIGHTS
+    from llm_ray.data.tokenizer import tokenizer_hash
+    from llm_ray.models.converters import LoadWeights, ModelSpec, ValueHead
+
+    recipe, c = tuned.recipe, tuned.recipe.align.ppo
+    source = c.critic_from if c.critic_from != "auto" else ("reward_model" if c.reward.kind == "model" else "policy")
+    if source == "reward_model":
+        folder = load_bundle(c.reward.model)
+        check(tokenizer_hash(folder.tokenizer) == tokenizer_hash(tuned.bundle.tokenizer), "align.ppo.critic_from",
+              f"the reward model {c.reward.model} has another tokenizer than the policy: its values would read other tokens")
+        check(folder.cfg.arch == "decoder", "align.ppo.critic_from", "a value model needs a decoder reward model")
+        spec = ModelSpec.of(folder.cfg, [ValueHead(os.path.join(os.path.abspath(c.reward.model), HEAD_WEIGHTS)),
+                                         LoadWeights(os.path.join(os.path.abspath(c.reward.model), WEIGHTS))], seed=recipe.train.seed)
+    else:
+        spec = ModelSpec.of(recipe.model, [ValueHead(), tuned.init_weights], seed=recipe.train.seed)
+    name = f"{recipe.run.name}-critic"
+    overrides = [f"run.name={name}"] + ([f"optim.lr={c.critic_lr}"] if c.critic_lr else [])
+    return dataclasses.replace(tuned, recipe=recipe.replace(*overrides), run=tuned.storage.child(name)), spec
 
 
 class TrainerThread(threading.Thread):
     """The policy's engine run (a blocking ``fit``) beside the controller loop; keeps its
     summary or the error that ended it, for the controller to report."""
 
-    def __init__(self, fit):
-        super().__init__(name="ppo-trainer", daemon=True)
-        self.fit, self.summary, self.error = fit, None, None
+    def __init__(self, fit, role: str, channel: str):
+        super().__init__(name=f"{role}-trainer", daemon=True)
+        self.fit, self.role, self.channel, self.summary, self.error = fit, role, channel, None, None
 
     def run(self) -> None:
         try:
@@ -261,7 +317,7 @@ def completed_iterations(run, steps_per_iteration: int) -> int:
     return json.loads(ckpt.read_text(MANIFEST))["train_state"]["step"] // steps_per_iteration
 
 
-def run_iterations(ctl: Controller, start: int, end: int, trainer: threading.Thread) -> list[dict]:
+def run_iterations(ctl: Controller, start: int, end: int, trainers: list["TrainerThread"]) -> list[dict]:
     """Iterations ``start``..``end``-1; one row of rollout metrics each (also in controller/)."""
     import ray
     from torch.utils.tensorboard import SummaryWriter
@@ -271,19 +327,20 @@ def run_iterations(ctl: Controller, start: int, end: int, trainer: threading.Thr
     with open(os.path.join(ctl.dir, "rollout.jsonl"), "a") as log:
         ready_at = time.perf_counter()
         for k in range(start, end):
-            weights = ctl.wait_weights(k, trainer)
-            update_s = time.perf_counter() - ready_at  # the trainer's steps and its gather since the last put
+            weights = {t.channel: ctl.wait_weights(t.channel, k, trainers) for t in trainers}
+            update_s = time.perf_counter() - ready_at  # the trainers' steps and their gather since the last put
             begun = time.perf_counter()
             busy = {name: pool.busy_s for name, pool in ctl.pools.items()}
-            sync_s = ctl.push_weights(weights)
-            arrays, stats = ctl.make_experience(k, weights[0])
+            # a trainer's gather + put, then the push to its pool
+            sync_s = sum(ctl.push_weights(ch, w) + w[3] for ch, w in weights.items())
+            arrays, stats = ctl.make_experience(k, weights["policy"][0])
             ctl.save(k + 1)
             ray.get(ctl.hub.put.remote(k, arrays), timeout=c.timeout_s)
             ready_at = time.perf_counter()
             wall = ready_at - begun + (update_s if k > start else 0.0)
-            row = {"iteration": k, "weight_version": weights[0], **stats, "sync_s": sync_s + weights[3],
+            row = {"iteration": k, "weight_version": weights["policy"][0], **stats, "sync_s": sync_s,
                    "update_s": update_s if k > start else None,
-                   "sync_share": (sync_s + weights[3]) / wall if wall else None,
+                   "sync_share": sync_s / wall if wall else None,
                    **{f"{n}_idle_share": 1 - (p.busy_s - busy[n]) / (wall * len(p.actors)) for n, p in ctl.pools.items()},
                    "restarts": {n: p.restarts for n, p in ctl.pools.items()},
                    "pids": {n: list(p.pids) for n, p in ctl.pools.items()}, "time": time.time()}
@@ -302,7 +359,7 @@ def ppo(recipe: Recipe) -> StageResult:
     import ray
 
     from llm_ray.align.experience import ExperienceSource
-    from llm_ray.align.objectives import PolicyGradient
+    from llm_ray.align.objectives import PolicyGradient, ValueRegression
     from llm_ray.align.prompts import load_prompts
     from llm_ray.align.rl_actors import ExperienceHubActor
     from llm_ray.bundle import save_bundle
@@ -316,39 +373,53 @@ def ppo(recipe: Recipe) -> StageResult:
     c, ft = recipe.align.ppo, recipe.finetune
     max_prompt = recipe.align.max_prompt_tokens or recipe.data.seq_len // 2
     check_rl_recipe(recipe, max_prompt)
+    check(tuned.run.is_local, "run.storage_path", "llm-ray ppo keeps its controller state in a local run folder for now")
     prompts, rejects = load_prompts(ft.train_path, tuned.bundle, max_prompt, ft.system_prompt, recipe.run.s3_endpoint)
     rejects_file = tuned.write_rejects(rejects)
     spi = c.steps_per_iteration
     start = completed_iterations(tuned.run, spi)
 
+    critic = critic_run(tuned) if c.estimator == "ppo" else None
+    if critic is not None:
+        start = min(start, completed_iterations(critic[0].run, spi))
+
     ensure_ray()
     hub = ray.remote(ExperienceHubActor).options(num_cpus=0, max_concurrency=64).remote()
     ctl = Controller(recipe, tuned, prompts, {}, hub, pad_id_for(tuned.bundle))
     ctl.restore(start)
-    ctl.pools = launch_pools(c, tuned.init_dir, ctl.ready_replacement)
     spec = tuned.spec([tuned.init_weights] + tuning.converters_for(ft))
-    objective = PolicyGradient(hub, spi, recipe.train.max_steps, c.temperature, c.clip_eps, c.clip_eps_high, c.loss_aggregate,
-                               c.kl_coef if c.kl_placement == "loss" else 0.0, c.kl_estimator, c.entropy_coef,
-                               c.weight_sync_bucket_mb, c.timeout_s, name=c.estimator)
     source = ExperienceSource(hub, c.rollout_samples, c.ppo_epochs, c.minibatches, recipe.train.seed, c.timeout_s)
-
-    trainer = TrainerThread(lambda: tuned.train(spec, objective, source))
-    trainer.start()
+    common = dict(hub=hub, steps_per_iteration=spi, max_steps=recipe.train.max_steps, bucket_mb=c.weight_sync_bucket_mb,
+                  timeout_s=c.timeout_s)
+    policy = PolicyGradient(**common, channel="policy", temperature=c.temperature, clip_eps=c.clip_eps,
+                            clip_eps_high=c.clip_eps_high, aggregate=c.loss_aggregate,
+                            kl_coef=c.kl_coef if c.kl_placement == "loss" else 0.0, kl_estimator=c.kl_estimator,
+                            entropy_coef=c.entropy_coef, name=c.estimator)
+    trainers = [TrainerThread(lambda: tuned.train(spec, policy, source), "policy", "policy")]
+    if critic is not None:
+        critic_tuned, critic_spec = critic
+        value = ValueRegression(**common, channel="critic", value_clip=c.value_clip)
+        trainers.append(TrainerThread(lambda: critic_tuned.train(critic_spec, value, source), "critic", "critic"))
     try:
+        ctl.pools = launch_pools(c, tuned.init_dir, ctl.ready_replacement, critic[1] if critic else None)
+        for t in trainers:
+            t.start()
         stop = recipe.run.stop_at_step
-        rows = run_iterations(ctl, start, stop // spi if stop else c.iterations, trainer)
+        rows = run_iterations(ctl, start, stop // spi if stop else c.iterations, trainers)
     except BaseException:
         ray.kill(hub)  # a trainer waiting for experience fails at once instead of at its timeout
-        trainer.join(timeout=120)
+        for t in trainers:
+            t.join(timeout=120)
         raise
     finally:
         restarts = {n: p.restarts for n, p in ctl.pools.items()}
         for pool in ctl.pools.values():
             pool.shutdown()
-    trainer.join()
-    if trainer.error is not None:
-        raise trainer.error
-    train_summary = trainer.summary
+    for t in trainers:
+        t.join()
+        if t.error is not None:
+            raise t.error
+    train_summary = trainers[0].summary
 
     trained, manifest, ckpt = tuning.trained_module(tuned, spec)
     provenance = {**tuned.provenance(manifest, ckpt, c.estimator), c.estimator: dataclasses.asdict(c)}

@@ -120,6 +120,50 @@ class ReferenceActor:
         return out
 
 
+class CriticActor:
+    """Values (T,) of rollout rows under the critic as of the last update (PPO's baseline)."""
+
+    def __init__(self, spec):
+        from llm_ray.train.device import local_device
+
+        self.device = local_device()
+        self.model = spec.build().to(self.device).eval()
+        self.version = 0
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def values(self, rows: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 16) -> list[np.ndarray]:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(rows), batch_size):
+                ids = torch.from_numpy(np.stack([r[0] for r in rows[i:i + batch_size]])).to(self.device)
+                mask = torch.from_numpy(np.stack([r[1] for r in rows[i:i + batch_size]]) != -100).to(self.device)
+                out.extend((self.model(ids).float() * mask).cpu().numpy().astype(np.float32))
+        return out
+
+    def update_weights(self, version: int, bucket_refs: list, checksum: str) -> float:
+        import ray
+        import torch
+
+        started = time.perf_counter()
+        buckets = ray.get(list(bucket_refs))
+        got = weights_checksum(buckets)
+        if got != checksum:
+            raise ValueError(f"critic weights {version}: checksum {got} != {checksum}")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for bucket in buckets:
+                for name, t in bucket.items():
+                    if name not in params or tuple(params[name].shape) != tuple(t.shape):
+                        raise KeyError(f"critic weights {version}: {name} {tuple(t.shape)} does not fit the critic")
+                    params[name].copy_(t.to(params[name].device, params[name].dtype))
+        self.version = int(version)
+        return time.perf_counter() - started
+
+
 def resolve_reward_function(spec: str):
     """``module:function`` -> the callable; a ValueError naming what is missing."""
     module_name, _, name = spec.partition(":")
@@ -190,7 +234,7 @@ class ExperienceHubActor:
 
     def __init__(self):
         self.experience: dict[int, dict] = {}
-        self.weights: Optional[tuple[int, list, str, float]] = None  # version, bucket refs, checksum, seconds
+        self.weights: dict[str, tuple[int, list, str, float]] = {}  # channel -> version, bucket refs, checksum, seconds
         self.changed = asyncio.Condition()
 
     def ready(self) -> int:
@@ -208,13 +252,14 @@ class ExperienceHubActor:
             await asyncio.wait_for(self.changed.wait_for(lambda: iteration in self.experience), timeout_s)
             return self.experience[iteration]
 
-    async def publish(self, version: int, bucket_refs: list, checksum: str, seconds: float) -> None:
+    async def publish(self, channel: str, version: int, bucket_refs: list, checksum: str, seconds: float) -> None:
         async with self.changed:
-            self.weights = (version, bucket_refs, checksum, seconds)
+            self.weights[channel] = (version, bucket_refs, checksum, seconds)
             self.changed.notify_all()
 
-    async def wait_weights(self, version: int, timeout_s: float):
-        """(version, bucket refs, checksum, the trainer's gather seconds) once ``version`` is out."""
+    async def wait_weights(self, channel: str, version: int, timeout_s: float):
+        """(version, bucket refs, checksum, the trainer's gather seconds) of ``channel`` once
+        ``version`` is out."""
         async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(lambda: self.weights is not None and self.weights[0] >= version), timeout_s)
-            return self.weights
+            await asyncio.wait_for(self.changed.wait_for(lambda: channel in self.weights and self.weights[channel][0] >= version), timeout_s)
+            return self.weights[channel]

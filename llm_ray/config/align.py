@@ -109,6 +109,10 @@ class PPOConfig:
     reward_pool: PoolConfig = field(default_factory=PoolConfig)
     reference: PoolConfig = field(default_factory=PoolConfig)
     critic: PoolConfig = field(default_factory=PoolConfig)
+    # PPO's value model: auto = the reward model's backbone and head when reward.model is given
+    # (OpenRLHF's default), else the policy's backbone with a fresh head
+    critic_from: Literal["auto", "reward_model", "policy"] = "auto"
+    critic_lr: float = 0.0  # 0: optim.lr
     rollout_batch_size: int = 32  # the rollout engine's max_batch_size
     weight_sync_bucket_mb: float = 32.0  # tensors per message in the policy -> rollout sync
     timeout_s: float = 300.0  # every cross-pool call; a timeout is an error naming the pool
@@ -127,6 +131,9 @@ class PPOConfig:
         _check(self.kl_coef >= 0 and self.kl_target >= 0 and self.entropy_coef >= 0, "kl_coef", "coefficients must be >= 0")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         _check(self.weight_sync_bucket_mb > 0, "weight_sync_bucket_mb", "must be > 0")
+        _check(self.critic_from != "reward_model" or self.reward.kind == "model", "critic_from",
+               "reward_model needs reward.model (a folder written by `llm-ray reward`)")
+        _check(self.critic_lr >= 0, "critic_lr", "must be >= 0 (0 = optim.lr)")
 
     @property
     def kl_placement(self) -> str:

@@ -77,6 +77,28 @@ class ClassifierHead(ModelConverter):
 
 
 @dataclass
+class ValueHead(ModelConverter):
+    """Wrap a decoder in a ``ValueModel`` (PPO's critic); ``head_path``: a reward folder's
+    ``classifier.safetensors``, whose scalar head starts the value head (else a fresh one)."""
+
+    head_path: str = ""
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        from safetensors.torch import load_file
+
+        from llm_ray.models.heads import ValueModel
+
+        critic = ValueModel(model)
+        if self.head_path:
+            critic.value_head.load_state_dict(load_file(self.head_path), strict=True)
+        tied = {id(p) for p in model.embedding.parameters()}
+        for p in model.head.proj.parameters():  # the vocab projection is unused, as in ClassifierHead
+            if id(p) not in tied:
+                p.requires_grad_(False)
+        return critic
+
+
+@dataclass
 class Freeze(ModelConverter):
     """Freeze the token/position tables (and a head tied to them) and the first ``layers`` blocks."""
 

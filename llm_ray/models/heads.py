@@ -93,3 +93,32 @@ class RewardModel(SequenceClassifier):
 
     def forward(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.classify(input_ids, lengths)[:, 0]  # (B,)
+
+
+class ValueModel(nn.Module):
+    """PPO's critic: a scalar value per position, V(s_t) of the text up to token t, (B, T) -> (B, T).
+
+    Position t is aligned with the policy's label t (it predicts token t+1), so ``values[:, t]``
+    is the value of the state in which the action at label t is taken. Decoders only (causal:
+    a value must not see the tokens after it). Initialised from a reward model (OpenRLHF's
+    default: ``value_head`` takes its scalar head) or from the policy (a fresh head)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        if backbone.cfg.arch != "decoder":
+            raise ValueError("a value model needs a decoder: an encoder's values would see the future")
+        self.backbone = backbone
+        self.value_head = nn.Linear(backbone.cfg.d_model, 1)
+        nn.init.normal_(self.value_head.weight, std=backbone.cfg.init_std)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.embedding(input_ids)  # (B, T, d); right padding needs no mask under causal attention
+        for layer in b.layers:
+            x = layer(x)
+        x = b.head.norm(x)
+        return self.value_head(x.to(self.value_head.weight.dtype))[..., 0]  # (B, T)
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.backbone.aux_loss()
