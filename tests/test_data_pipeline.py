@@ -277,7 +277,9 @@ def test_shards_carry_document_ids_that_follow_the_separators(prepared):
     recipe, summary = prepared
     source = ShardSource(summary["output"], "causal_lm", 0, s3_endpoint=recipe.run.s3_endpoint, doc_attention_mask=True)
     sep = source.manifest["sep_id"]
-    batch = source.micro_batch(0, 0, 0, 1, 64)
+    # every block: 64 drawn blocks once held no document boundary at all (a clean-clone run;
+    # which blocks a seeded draw picks depends on Ray Data's shard order, which varies)
+    batch = source.micro_batch(0, 0, 0, 1, source.num_samples)
     inputs, seg = batch["input_ids"], batch["segment_ids"]
     assert seg.shape == inputs.shape and seg.dtype.kind == "i"
     starts_new = seg[:, 1:] != seg[:, :-1]

@@ -3,10 +3,11 @@
 The driver is the single controller. Per iteration k it waits for policy weights k from the
 trainer (through the ``ExperienceHubActor``), pushes them to the rollout pool, samples
 ``samples_per_prompt`` completions of the iteration's prompts there (our serving engine),
-scores them in the reward pool, gets the reference pool's log-probs, turns rewards into
-advantages (GRPO: relative to the prompt's group) and hands the experience to the hub. The
-policy trains on the engine (Ray Train + DeepSpeed, the ``PolicyGradient`` objective and an
-``ExperienceSource``), running in a thread of this process for the whole run.
+scores them in the reward pool, gets the reference pool's log-probs (and, for PPO, the critic
+pool's values), turns rewards into advantages (PPO: GAE over per-token rewards; GRPO: relative
+to the prompt's group) and hands the experience to the hub. The policy — and PPO's critic —
+train on the engine (Ray Train + DeepSpeed, the ``PolicyGradient`` / ``ValueRegression``
+objectives and an ``ExperienceSource``), each a run in a thread of this process.
 
 Everything an iteration uses is a function of the seed, k and weights k — the prompts, each
 sample's sampling seed, the minibatch order — so a stopped run, rerun, continues from its last
@@ -23,7 +24,6 @@ import math
 import os
 import threading
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -425,37 +425,50 @@ def ppo(recipe: Recipe) -> StageResult:
     provenance = {**tuned.provenance(manifest, ckpt, c.estimator), c.estimator: dataclasses.asdict(c)}
     save_bundle(spec.finalize(trained).cpu(), recipe.model, tuned.bundle.tokenizer.to_str(), tuned.out_dir, provenance,
                 tuned.tokenizer_config())
-    all_rows = [json.loads(line) for line in open(os.path.join(ctl.dir, "rollout.jsonl")) if line.strip()]
+    summary = run_summary(tuned, ctl.dir, start, len(prompts), prompts.truncated, rejects, rejects_file, rows, restarts, train_summary)
+    summary["wall_s"] = round(time.time() - started, 2)
+    return write_summary(tuned.out_dir, summary)
+
+
+def mean_phases(rows: list[dict]) -> dict:
+    """Mean seconds of each phase over ``rows`` (None where a phase never ran: no critic)."""
+    out = {}
+    for key in ("rollout_s", "reward_s", "reference_s", "critic_s", "sync_s", "update_s"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def run_summary(tuned, controller_dir: str, start: int, n_prompts: int, truncated: int, rejects: list, rejects_file: str,
+                rows: list[dict], restarts: dict, train_summary: dict) -> dict:
+    """``summary.json`` of a run: the first and last iteration of all its attempts, this
+    attempt's mean phase times, the trainer's figures."""
+    from llm_ray.train import tuning
+    from llm_ray.train.metrics import read_metrics
+
+    c = tuned.recipe.align.ppo
+    all_rows = [json.loads(line) for line in open(os.path.join(controller_dir, "rollout.jsonl")) if line.strip()]
     by_iteration = {r["iteration"]: r for r in all_rows}  # a rerun's rows replace an interrupted run's
     first, last = by_iteration[min(by_iteration)], by_iteration[max(by_iteration)]
-    last_step = train_summary["last_step_metrics"]
-    summary = {
+    mismatch = [m["logprob_mismatch"] for m in read_metrics(tuned.run).values() if "logprob_mismatch" in m]
+    return {
         "out_dir": tuned.out_dir,
         "run_dir": tuned.run.uri,
-        "init_from": ft.init_from,
+        "init_from": tuned.recipe.finetune.init_from,
         "estimator": c.estimator,
         "iterations": c.iterations,
         "resumed_at_iteration": start,
-        "prompts": len(prompts),
+        "prompts": n_prompts,
         "rejected": len(rejects),
         "rejects_file": rejects_file,
-        "prompt_truncated": prompts.truncated,
+        "prompt_truncated": truncated,
         "reward_first": first["reward_mean"],
         "reward_last": last["reward_mean"],
         "kl_last": last["kl_seq_mean"],
         "response_length_last": last["response_length"],
-        "logprob_mismatch_max": max((m.get("logprob_mismatch", 0.0) for m in _train_rows(tuned.run)), default=None),
+        "logprob_mismatch_max": max(mismatch) if mismatch else None,
         "pool_restarts": restarts,
-        "mean_phase_s": {k: float(np.mean([r[k] for r in rows if r.get(k) is not None])) if rows else None
-                         for k in ("rollout_s", "reward_s", "reference_s", "sync_s", "update_s")},
+        "mean_phase_s": mean_phases(rows),
         **tuning.training_figures(train_summary),
-        "last_policy_loss": last_step.get("policy_loss"),
-        "wall_s": round(time.time() - started, 2),
+        "last_policy_loss": train_summary["last_step_metrics"].get("policy_loss"),
     }
-    return write_summary(tuned.out_dir, summary)
-
-
-def _train_rows(run) -> list[dict]:
-    from llm_ray.train.metrics import read_metrics
-
-    return list(read_metrics(run).values())

@@ -20,7 +20,6 @@ import math
 import os
 import time
 import urllib.request
-from typing import Optional
 
 import numpy as np
 
