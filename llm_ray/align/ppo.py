@@ -81,6 +81,27 @@ def check_rl_recipe(recipe: Recipe, max_prompt: int) -> None:
         raise RecipeError("align.ppo.reward.model", f"{c.reward.model} is not a folder written by `llm-ray reward`")
 
 
+def check_cluster_cpus(recipe: Recipe, trainers: int) -> None:
+    """Every trainer's workers and every pool reserve CPUs at once: on a cluster that cannot
+    hold them all a trainer would wait for its workers forever. A local cluster cannot grow,
+    so that is a recipe error; a remote one may autoscale, so it is a warning."""
+    import ray
+
+    c, p = recipe.align.ppo, recipe.parallel
+    pools = [c.rollout, c.reward_pool, c.reference] + ([c.critic] if trainers > 1 else [])
+    needed = trainers * p.num_workers * p.cpus_per_worker + sum(q.num_actors * q.num_cpus for q in pools)
+    have = ray.cluster_resources().get("CPU", 0)
+    if needed <= have:
+        return
+    message = (f"the run reserves {needed:g} CPUs ({trainers} trainer(s) x {p.num_workers} worker(s) x "
+               f"{p.cpus_per_worker} + the pools' num_actors x num_cpus), the cluster has {have:g}; "
+               "lower align.ppo.<pool>.num_cpus (0 is allowed) or parallel.cpus_per_worker")
+    if os.environ.get("RAY_ADDRESS"):
+        logger.warning("%s (waiting for the autoscaler)", message)
+    else:
+        raise RecipeError("align.ppo.rollout.num_cpus", message)
+
+
 def sample_seed(seed: int, iteration: int, prompt: int, sample: int) -> int:
     """Each sample's own sampling seed: a rerun of iteration k draws the same tokens."""
     return int(np.random.SeedSequence([seed, iteration, prompt, sample]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -384,6 +405,7 @@ def ppo(recipe: Recipe) -> StageResult:
         start = min(start, completed_iterations(critic[0].run, spi))
 
     ensure_ray()
+    check_cluster_cpus(recipe, trainers=2 if critic else 1)
     hub = ray.remote(ExperienceHubActor).options(num_cpus=0, max_concurrency=64).remote()
     ctl = Controller(recipe, tuned, prompts, {}, hub, pad_id_for(tuned.bundle))
     ctl.restore(start)
