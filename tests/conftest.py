@@ -192,6 +192,22 @@ def tiny_overrides(storage: Path, name: str, tokenizer: str) -> list[str]:
     ]
 
 
+def rl_recipe(model_dir: str, storage, name: str, *extra: str):
+    """jobs/recipes/grpo-tiny.yaml on a test model and run folder; only final (or stop)
+    checkpoints, as a save costs ~1.5 s; later overrides win (a test's own train_path)."""
+    from llm_ray.config import load_recipe
+
+    return load_recipe(str(REPO / "jobs/recipes/grpo-tiny.yaml"), [
+        f"finetune.init_from={model_dir}",
+        f"finetune.train_path={REPO / 'jobs/data/rl/prompts.jsonl'}",
+        f"run.storage_path={storage}",
+        f"run.name={name}",
+        "align.ppo.rollout.num_cpus=0",
+        "checkpoint.every_steps=1000",
+        *extra,
+    ])
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` skip on machines without CUDA (CI has none)."""
     import torch

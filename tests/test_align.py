@@ -13,7 +13,7 @@ from llm_ray.config import load_recipe
 from llm_ray.models.losses import IGNORE_INDEX, dpo_loss, pairwise_reward_loss, sequence_logprobs
 from llm_ray.storage import resolve_storage
 from llm_ray.train.metrics import read_metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, rl_recipe
 
 PAIRS = str(REPO / "jobs/data/preference/pairs.jsonl")
 BAD_PAIRS = str(REPO / "jobs/data/preference/bad_pairs.jsonl")
@@ -231,12 +231,6 @@ def test_lora_dpo_references_agree_and_bad_records_are_quarantined(ray_cluster, 
     assert s["train_pairs"] + s["eval_pairs"] >= len(good_lines)  # no good pair was lost
 
 
-def rl_recipe(model_dir: str, storage, name: str, *extra: str):
-    return load_recipe(str(REPO / "jobs/recipes/grpo-tiny.yaml"), [
-        f"finetune.init_from={model_dir}", f"run.storage_path={storage}", f"run.name={name}",
-        "align.ppo.rollout.num_cpus=0", "checkpoint.every_steps=1000", *extra])
-
-
 @pytest.mark.slow
 def test_grpo_with_the_trained_reward_model_as_reward_pool_raises_its_reward(baseline, tiny_model_dir, tmp_path):
     """The reward pool scores with the folder ``llm-ray reward`` wrote. Eight prompts, so every
@@ -266,7 +260,7 @@ def test_ppo_critic_starts_from_the_reward_model(baseline, tiny_model_dir, tmp_p
     from llm_ray.train import tuning
 
     _, rm = baseline("reward")
-    recipe = rl_recipe(tiny_model_dir, tmp_path, "critic", f"finetune.train_path={REPO / 'jobs/data/rl/prompts.jsonl'}",
+    recipe = rl_recipe(tiny_model_dir, tmp_path, "critic",
                        "align.ppo.estimator=ppo", "align.ppo.samples_per_prompt=1", "align.ppo.prompts_per_iteration=32",
                        "align.ppo.reward.function=", f"align.ppo.reward.model={rm.out_dir}", "align.ppo.critic_lr=1e-4")
     tuned = tuning.start(recipe, "ppo", arch="decoder")

@@ -9,22 +9,9 @@ import os
 
 import pytest
 
-from llm_ray.config import RecipeError, load_recipe
-from tests.conftest import REPO
+from llm_ray.config import RecipeError
+from tests.conftest import rl_recipe as grpo_recipe
 
-PROMPTS = str(REPO / "jobs/data/rl/prompts.jsonl")
-
-
-def grpo_recipe(model_dir: str, storage, name: str, *extra: str):
-    return load_recipe(str(REPO / "jobs/recipes/grpo-tiny.yaml"), [
-        f"finetune.init_from={model_dir}",
-        f"finetune.train_path={PROMPTS}",
-        f"run.storage_path={storage}",
-        f"run.name={name}",
-        "align.ppo.rollout.num_cpus=0",
-        "checkpoint.every_steps=1000",  # only the final (or stop) checkpoint: a save costs ~1.5 s
-        *extra,
-    ])
 
 
 def rollout_rows(out_dir: str) -> dict[int, dict]:

@@ -36,6 +36,14 @@ def weights_checksum(buckets: list[dict]) -> str:
     return h.hexdigest()
 
 
+def checked_tensors(buckets: list[dict], checksum: str, what: str) -> dict:
+    """The buckets' tensors by name, once their checksum matches the sender's."""
+    got = weights_checksum(buckets)
+    if got != checksum:
+        raise ValueError(f"{what}: checksum {got} != {checksum} (a bucket was corrupted or lost)")
+    return {name: t for bucket in buckets for name, t in bucket.items()}
+
+
 class RolloutActor:
     def __init__(self, model_dir: str, max_batch_size: int, dtype: str = "fp32"):
         import torch
@@ -78,10 +86,7 @@ class RolloutActor:
 
         started = time.perf_counter()
         buckets = list(await asyncio.gather(*bucket_refs)) if bucket_refs and isinstance(bucket_refs[0], ray.ObjectRef) else bucket_refs
-        got = weights_checksum(buckets)
-        if got != checksum:
-            raise ValueError(f"weight update {version}: checksum {got} != {checksum} (a bucket was corrupted or lost)")
-        tensors = {name: t for bucket in buckets for name, t in bucket.items()}
+        tensors = checked_tensors(buckets, checksum, f"policy weights {version}")
         await self.engine.update_weights(version, tensors, in_flight="rerun")
         return time.perf_counter() - started
 
@@ -148,17 +153,13 @@ class CriticActor:
         import torch
 
         started = time.perf_counter()
-        buckets = ray.get(list(bucket_refs))
-        got = weights_checksum(buckets)
-        if got != checksum:
-            raise ValueError(f"critic weights {version}: checksum {got} != {checksum}")
+        tensors = checked_tensors(ray.get(list(bucket_refs)), checksum, f"critic weights {version}")
         params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for bucket in buckets:
-                for name, t in bucket.items():
-                    if name not in params or tuple(params[name].shape) != tuple(t.shape):
-                        raise KeyError(f"critic weights {version}: {name} {tuple(t.shape)} does not fit the critic")
-                    params[name].copy_(t.to(params[name].device, params[name].dtype))
+            for name, t in tensors.items():
+                if name not in params or tuple(params[name].shape) != tuple(t.shape):
+                    raise KeyError(f"critic weights {version}: {name} {tuple(t.shape)} does not fit the critic")
+                params[name].copy_(t.to(params[name].device, params[name].dtype))
         self.version = int(version)
         return time.perf_counter() - started
 
