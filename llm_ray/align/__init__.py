@@ -1,1 +1,2 @@
-"""Preference learning stage: reward model (``llm-ray reward``) and DPO (``llm-ray dpo``) on the engine."""
+"""Alignment stages on the engine: reward model (``llm-ray reward``), DPO (``llm-ray dpo``), and RL
+from a reward (``llm-ray ppo``: PPO and GRPO on Ray actor pools, ``ppo.py`` driving ``pools.py``)."""
