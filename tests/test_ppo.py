@@ -105,6 +105,10 @@ def test_value_model_is_causal_and_aligned_with_labels(tiny_model_dir):
     ("align.ppo.critic_from=reward_model", "align.ppo.critic_from"),
     ("align.ppo.max_new_tokens=40", "align.ppo.max_new_tokens"),
     ("align.ppo.minibatches=3", "align.ppo.minibatches"),
+    ("align.ppo.judge.function=llm_ray.align.rule_rewards:no_such_fn", "align.ppo.judge.function"),
+    ("align.ppo.colocate=[rollout]", "align.ppo.colocate"),
+    ("align.ppo.colocate=[rollout,critic]", "align.ppo.colocate"),
+    ("align.ppo.colocate=[rollout,gpu]", "align.ppo.colocate"),
 ])
 def test_bad_rl_recipes_name_the_key_before_ray(tiny_model_dir, tmp_path, override, key):
     from llm_ray.align.ppo import ppo
@@ -117,7 +121,9 @@ def test_bad_rl_recipes_name_the_key_before_ray(tiny_model_dir, tmp_path, overri
 def test_stop_rerun_and_a_killed_rollout_actor_give_the_uninterrupted_numbers(grpo_run, tiny_model_dir, tmp_path):
     """Stopped after 4 of 10 iterations and rerun, with the rollout actor SIGKILLed mid-run of
     the rerun: the actor is replaced, no prompt of a step is lost or duplicated, and every
-    iteration's rewards and every step's loss equal the uninterrupted run's (seeded sampling)."""
+    iteration's rewards and every step's loss equal the uninterrupted run's (seeded sampling).
+    The rerun hosts rollout, reference and reward in one process (colocated pools: the same
+    numbers, less memory) and adds a held-out judge, which must not change training."""
     import signal
     import threading
     import time
@@ -146,11 +152,18 @@ def test_stop_rerun_and_a_killed_rollout_actor_give_the_uninterrupted_numbers(gr
 
     killer = threading.Thread(target=kill_during_iteration_6, daemon=True)
     killer.start()
-    second = ppo(grpo_recipe(tiny_model_dir, tmp_path, "grpo", "align.ppo.iterations=10", "checkpoint.resume=true"))
+    second = ppo(grpo_recipe(tiny_model_dir, tmp_path, "grpo", "align.ppo.iterations=10", "checkpoint.resume=true",
+                             "align.ppo.colocate=[rollout,reference,reward]",
+                             "align.ppo.judge.function=llm_ray.align.rule_rewards:letter_share"))
     killer.join(timeout=5)
     assert "pid" in killed and second.summary["pool_restarts"]["rollout"] == 1
     assert rollout_rows(second.out_dir)[9]["pids"]["rollout"] != [killed["pid"]]
     assert second.summary["resumed_at_iteration"] == 4
+    rows = rollout_rows(second.out_dir)
+    for k in range(4, 10):  # one process hosts the three roles, before and after the kill
+        assert rows[k]["pids"]["rollout"] == rows[k]["pids"]["reference"] == rows[k]["pids"]["reward"], rows[k]["pids"]
+        assert rows[k]["judge_mean"] == rows[k]["reward_mean"]  # the judge scored the same samples (same rule here)
+    assert second.summary["pool_memory_mb"] < reference.summary["pool_memory_mb"], (second.summary, reference.summary)
 
     ours, theirs = rollout_rows(second.out_dir), rollout_rows(reference.out_dir)
     assert sorted(ours) == list(range(10))
@@ -162,6 +175,14 @@ def test_stop_rerun_and_a_killed_rollout_actor_give_the_uninterrupted_numbers(gr
     assert sorted(loss) == sorted(want) == list(range(1, 81))
     for s in want:
         assert loss[s] == pytest.approx(want[s], abs=1e-6), s
+
+
+def test_judge_slopes_are_least_squares_trends():
+    from llm_ray.align.ppo import judge_slopes
+
+    trend = [(0.1 * k, 1.0 - 0.05 * k) for k in range(5)]  # reward +0.1 per iteration, judge -0.05
+    assert judge_slopes(trend) == pytest.approx((0.1, -0.05))
+    assert judge_slopes(trend[:1]) == (0.0, 0.0)
 
 
 def test_weight_sync_sends_merged_lora_targets_under_the_plain_names(tiny_model_dir):

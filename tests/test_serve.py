@@ -121,86 +121,6 @@ def encode(bundle, text: str) -> list[int]:
     return bundle.tokenizer.encode(text).ids
 
 
-# -- streamed text (no Ray) ---------------------------------------------------------------------
-STREAM_TEXTS = [
-    "The data model trains on a batch of tokens, then the cache is resumed from a checkpoint.",
-    "caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001f642 \u2014 r\u00e9sum\u00e9, \u00fc\u00df, \u0645\u0631\u062d\u0628\u0627",
-    "def step(x):\n    return x * 2  # doubled\n\n\tindented\n",
-]
-
-
-class _CountingTokenizer:
-    """Counts the ids TextStream asks to decode (to see the cost per token)."""
-
-    def __init__(self, tok):
-        self.tok, self.decoded = tok, 0
-
-    def decode(self, ids, skip_special_tokens=True):
-        self.decoded += len(ids)
-        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "smollm2"])
-def test_text_stream_deltas_equal_the_whole_decode(kind, tokenizer_paths, smollm2_dir):
-    """Streamed deltas + the held-back tail equal decode(all ids) for real texts (multi-byte
-    characters split across tokens included) and random ids; a token costs a bounded decode,
-    not the whole output again; a stop string cuts the stream exactly where the full text does."""
-    import random
-
-    from tokenizers import Tokenizer
-
-    from llm_ray.serve.text_stream import TextStream
-
-    path = f"{smollm2_dir}/tokenizer.json" if kind == "smollm2" else tokenizer_paths[kind]
-    tok = Tokenizer.from_file(path)
-    rng = random.Random(0)
-    cases = [tok.encode(t).ids for t in STREAM_TEXTS]
-    cases += [[rng.randrange(tok.get_vocab_size()) for _ in range(300)] for _ in range(3)]
-    for ids in cases:
-        whole = tok.decode(ids, skip_special_tokens=True)
-        # tokenizers' DecodeStream (a Tokenizer) and the Python scheme (any other tokenizer object)
-        library = TextStream(tok, stop=[])
-        assert library._library is not None
-        deltas = [library.push(i) for i in ids]
-        assert library._library is not None, "DecodeStream gave up on this text"
-        assert "".join(deltas) + library.finish() == whole
-        counting = _CountingTokenizer(tok)
-        stream = TextStream(counting, stop=[])
-        python_deltas = [stream.push(i) for i in ids]
-        assert counting.decoded < 40 * len(ids)  # the old whole-output decode: ~len(ids)**2 / 2
-        assert "".join(python_deltas) + stream.finish() == whole
-        assert python_deltas == deltas  # the same text at the same tokens
-
-    ids = tok.encode(STREAM_TEXTS[0]).ids
-    full = tok.decode(ids, skip_special_tokens=True)
-    stop = full[len(full) // 2 : len(full) // 2 + 3]
-    stream = TextStream(tok, stop=[stop])
-    streamed = ""
-    for i in ids:
-        streamed += stream.push(i)
-        assert stop not in streamed
-        if stream.stopped:
-            break
-    assert stream.stopped and streamed + stream.finish() == stream.final_text() == full[: full.index(stop)]
-
-
-@pytest.mark.parametrize("kind", ["bpe", "smollm2"])
-def test_token_bytes_add_up_to_the_text(kind, tokenizer_paths, smollm2_dir):
-    """logprobs' ``bytes``: a byte-level token holding part of a character gives its own bytes
-    (decode of the token alone would give U+FFFD), so the tokens' bytes join to the text."""
-    from tokenizers import Tokenizer
-
-    from llm_ray.serve.text_stream import TokenBytes
-
-    tok = Tokenizer.from_file(f"{smollm2_dir}/tokenizer.json" if kind == "smollm2" else tokenizer_paths[kind])
-    token_bytes = TokenBytes(tok)
-    assert token_bytes.byte_level
-    for text in STREAM_TEXTS:
-        ids = tok.encode(text, add_special_tokens=False).ids
-        assert any("\ufffd" in tok.decode([i]) for i in ids) or text.isascii()
-        assert bytes(b for i in ids for b in token_bytes(i)).decode("utf-8") == tok.decode(ids)
-
-
 # -- config and schema (no Ray) ------------------------------------------------------------------
 def test_serve_config_file_validates_against_ray_serve_schema():
     from ray.serve.schema import ServeDeploySchema
@@ -268,39 +188,6 @@ def test_fastapi_validation_errors_answer_422_in_the_openai_shape():
     assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
-# -- the engine's cache (no Ray) -----------------------------------------------------------------
-def test_batch_cache_rows_joining_and_leaving_decode_like_alone(bundle):
-    """Sequences join a running batch at different steps and leave at different lengths; each
-    row's greedy tokens equal its single-sequence decode."""
-    import torch
-
-    from llm_ray.serve.batch_cache import BatchKVCache
-
-    model = bundle.model
-    prompts = [encode(bundle, p) for p in ("import the", "a b c d e f g h", "x", "the model the data the loss")]
-    lengths = [12, 5, 9, 7]
-    refs = [reference_ids(model, p, n) for p, n in zip(prompts, lengths)]
-    joins = {0: [0, 1], 2: [2], 4: [3]}
-    cache, active, outs = BatchKVCache(len(model.layers)), [], {}
-    with torch.inference_mode():
-        for step in range(40):
-            for i in joins.get(step, []):
-                fresh = BatchKVCache(len(model.layers))
-                outs[i] = [int(model(torch.tensor([prompts[i]]), kv_cache=fresh)[0, -1].argmax())]
-                cache.merge(fresh)
-                active.append(i)
-            if not active:
-                break
-            logits = model(torch.tensor([[outs[i][-1]] for i in active]), kv_cache=cache)[:, -1]
-            for row, i in enumerate(active):
-                outs[i].append(int(logits[row].argmax()))
-            keep = [r for r, i in enumerate(active) if len(outs[i]) < lengths[i]]
-            cache.keep(keep)
-            active = [active[r] for r in keep]
-            assert cache.batch_size == len(active)
-    assert [outs[i][: lengths[i]] for i in range(4)] == refs
-
-
 def test_engine_deadline_aborts_the_sequence_and_frees_its_row(bundle):
     """A request past its deadline raises RequestTimeoutError and leaves the batch; the engine
     keeps serving the next request correctly."""
@@ -333,33 +220,6 @@ def test_engine_deadline_aborts_the_sequence_and_frees_its_row(bundle):
     seq, got = asyncio.run(scenario())
     ref = reference(bundle, "the model", 12)
     assert bundle.tokenizer.decode(got, skip_special_tokens=True) == ref.text
-
-
-def test_streamed_tokens_coalesce_within_the_interval(bundle):
-    """The first tokens go out at once (the step that prefills also decodes: 1 or 2 tokens);
-    later ones that arrive within the interval share one message; with no interval each goes
-    as it comes. The ids are the same either way."""
-    import asyncio
-
-    from llm_ray.generation.config import SamplingParams
-    from llm_ray.serve.engine import ContinuousBatchingEngine
-
-    async def batches(engine, interval_s):
-        seq = engine.submit(encode(bundle, "the model"), SamplingParams(max_new_tokens=20), ignore_eos=True)
-        return [b async for b in engine.token_batches(seq, interval_s=interval_s)]
-
-    async def scenario():
-        engine = ContinuousBatchingEngine(bundle.model, bundle.eos_ids, bundle.cfg.max_seq_len)
-        slow = await batches(engine, 60.0)
-        fast = await batches(engine, 0.0)
-        engine.shutdown()
-        return slow, fast
-
-    slow, fast = asyncio.run(scenario())
-    want = reference_ids(bundle.model, encode(bundle, "the model"), 20)
-    assert len(slow) == 2 and len(slow[0]) <= 2
-    assert sum(slow, []) == sum(fast, []) == want
-    assert len(fast) > 2 and all(fast)
 
 
 def reference_ids(model, prompt_ids: list[int], n: int) -> list[int]:

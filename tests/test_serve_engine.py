@@ -275,3 +275,59 @@ def test_json_constrained_decoding_parses_and_validates(tiny, schema):
         assert isinstance(value, dict) and finish == "stop", text
         if schema is not None:
             jsonschema.validate(value, schema)
+
+
+def test_batch_cache_rows_joining_and_leaving_decode_like_alone(tiny):
+    """Sequences join a running batch at different steps and leave at different lengths; each
+    row's greedy tokens equal its single-sequence decode."""
+    import torch
+
+    from llm_ray.serve.batch_cache import BatchKVCache
+
+    model, tok = tiny
+    prompts = [tok.encode(p).ids for p in ("import the", "a b c d e f g h", "x", "the model the data the loss")]
+    lengths = [12, 5, 9, 7]
+    refs = [reference_ids(model, p, n) for p, n in zip(prompts, lengths)]
+    joins = {0: [0, 1], 2: [2], 4: [3]}
+    cache, active, outs = BatchKVCache(len(model.layers)), [], {}
+    with torch.inference_mode():
+        for step in range(40):
+            for i in joins.get(step, []):
+                fresh = BatchKVCache(len(model.layers))
+                outs[i] = [int(model(torch.tensor([prompts[i]]), kv_cache=fresh)[0, -1].argmax())]
+                cache.merge(fresh)
+                active.append(i)
+            if not active:
+                break
+            logits = model(torch.tensor([[outs[i][-1]] for i in active]), kv_cache=cache)[:, -1]
+            for row, i in enumerate(active):
+                outs[i].append(int(logits[row].argmax()))
+            keep = [r for r, i in enumerate(active) if len(outs[i]) < lengths[i]]
+            cache.keep(keep)
+            active = [active[r] for r in keep]
+            assert cache.batch_size == len(active)
+    assert [outs[i][: lengths[i]] for i in range(4)] == refs
+
+
+def test_streamed_tokens_coalesce_within_the_interval(tiny):
+    """The first tokens go out at once (the step that prefills also decodes: 1 or 2 tokens);
+    later ones that arrive within the interval share one message; with no interval each goes
+    as it comes. The ids are the same either way."""
+    model, tok = tiny
+
+    async def batches(engine, interval_s):
+        seq = engine.submit(tok.encode("the model").ids, SamplingParams(max_new_tokens=20), ignore_eos=True)
+        return [b async for b in engine.token_batches(seq, interval_s=interval_s)]
+
+    async def scenario():
+        engine = _engine(model)
+        slow = await batches(engine, 60.0)
+        fast = await batches(engine, 0.0)
+        engine.shutdown()
+        return slow, fast
+
+    slow, fast = asyncio.run(scenario())
+    want = reference_ids(model, tok.encode("the model").ids, 20)
+    assert len(slow) == 2 and len(slow[0]) <= 2
+    assert sum(slow, []) == sum(fast, []) == want
+    assert len(fast) > 2 and all(fast)

@@ -70,15 +70,16 @@ def check_rl_recipe(recipe: Recipe, max_prompt: int) -> None:
           f"{c.max_new_tokens} new tokens after prompts of up to {max_prompt} exceed data.seq_len ({recipe.data.seq_len}) + 1")
     check(recipe.data.seq_len < recipe.model.max_seq_len, "data.seq_len", f"must be < the model's max_seq_len ({recipe.model.max_seq_len})")
     check(c.kl_target == 0 or c.kl_placement == "reward", "align.ppo.kl_target", "the adaptive KL controller moves the reward's KL term: set kl_in: reward")
-    if c.reward.kind == "function":
-        from llm_ray.align.rl_actors import resolve_reward_function
+    from llm_ray.align.rl_actors import resolve_reward_function
 
-        try:
-            resolve_reward_function(c.reward.function)
-        except ValueError as e:
-            raise RecipeError("align.ppo.reward.function", str(e)) from None
-    elif c.reward.kind == "model" and not os.path.isdir(c.reward.model):
-        raise RecipeError("align.ppo.reward.model", f"{c.reward.model} is not a folder written by `llm-ray reward`")
+    for key, source in (("reward", c.reward), ("judge", c.judge)):
+        if source.kind == "function":
+            try:
+                resolve_reward_function(source.function)
+            except ValueError as e:
+                raise RecipeError(f"align.ppo.{key}.function", str(e)) from None
+        elif source.kind == "model" and not os.path.isdir(source.model):
+            raise RecipeError(f"align.ppo.{key}.model", f"{source.model} is not a folder written by `llm-ray reward`")
 
 
 def check_cluster_cpus(recipe: Recipe, trainers: int) -> None:
@@ -132,6 +133,7 @@ class Controller:
         self.kl = AdaptiveKLController(self.c.kl_coef, self.c.kl_target, self.c.kl_horizon)
         self.latest_weights: dict = {}  # channel -> what a replacement actor loads
         self.window: list[tuple[float, int]] = []  # (reward, length) of recent samples: hacking monitor
+        self.trend: list[tuple[float, float]] = []  # (reward mean, judge mean) of recent iterations
         self.dir = os.path.join(tuned.run.root, CONTROLLER_DIR)
         os.makedirs(self.dir, exist_ok=True)
 
@@ -145,11 +147,12 @@ class Controller:
         with open(self.state_path(iteration)) as f:
             state = json.load(f)
         self.kl.coef, self.window = state["kl_coef"], [tuple(x) for x in state["window"]]
+        self.trend = [tuple(x) for x in state.get("trend", [])]
 
     def save(self, iteration: int) -> None:
         tmp = self.state_path(iteration) + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"iteration": iteration, "kl_coef": self.kl.coef, "window": self.window}, f)
+            json.dump({"iteration": iteration, "kl_coef": self.kl.coef, "window": self.window, "trend": self.trend}, f)
         os.replace(tmp, self.state_path(iteration))  # whole or absent
 
     # -- one iteration ----------------------------------------------------------------------------
@@ -176,12 +179,12 @@ class Controller:
         return time.perf_counter() - started
 
     def ready_replacement(self, channel: str):
-        def ready(actor) -> None:
+        def ready(pool, index: int) -> None:
             import ray
 
             if channel in self.latest_weights:
                 version, refs, checksum, _ = self.latest_weights[channel]
-                ray.get(actor.update_weights.remote(version, refs, checksum), timeout=self.c.timeout_s)
+                ray.get(pool.remote(index, "update_weights", version, refs, checksum), timeout=self.c.timeout_s)
         return ready
 
     def prompt_indices(self, iteration: int) -> np.ndarray:
@@ -213,6 +216,7 @@ class Controller:
         t0 = time.perf_counter()
         items = [(self.prompts.messages[i], text, self.prompts.columns[i]) for i, text in zip(owners, completions)]
         rewards = np.asarray(self.pools["reward"].map_shards("score", items), np.float32)
+        judged = np.asarray(self.pools["reward"].map_shards("score", items, "judge"), np.float32) if c.judge.kind else None
         times["reward_s"] = time.perf_counter() - t0
         rows = [experience_rows(self.prompts.ids[i], s["token_ids"], s["logprobs"], self.recipe.data.seq_len, self.pad_id)
                 for i, s in zip(owners, samples)]
@@ -239,8 +243,10 @@ class Controller:
                  "kl_seq_mean": float(kl_seq.mean()), "kl_coef": self.kl.coef, "response_length": float(lengths.mean()),
                  "finished_share": float(np.mean([s["finish_reason"] == "stop" for s in samples])),
                  "off_policy_lag_max": int(max(lag)), "samples": len(samples), "prompt_indices": indices.tolist(), **times}
+        if judged is not None:
+            stats["judge_mean"] = float(judged.mean())
         self.kl.update(float(kl_seq.mean()), len(samples))
-        stats.update(self.monitor(rewards, lengths))
+        stats.update(self.monitor(rewards, lengths, judged))
         return arrays, stats
 
     def gae_advantages(self, rewards: np.ndarray, kl_tokens: np.ndarray, values: np.ndarray, mask: np.ndarray) -> dict:
@@ -261,32 +267,64 @@ class Controller:
         return {"advantages": adv.numpy().astype(np.float32), "old_values": (values * mask).astype(np.float32),
                 "returns": ret.numpy().astype(np.float32)}
 
-    def monitor(self, rewards: np.ndarray, lengths: np.ndarray) -> dict:
-        """Reward hacking through length: the reward/length correlation over a window of samples."""
+    def monitor(self, rewards: np.ndarray, lengths: np.ndarray, judged: np.ndarray | None) -> dict:
+        """Reward hacking: the reward/length correlation over a window of samples; the trend of
+        the reward against the held-out judge's over a window of iterations."""
         self.window = (self.window + list(zip(rewards.tolist(), lengths.tolist())))[-512:]
         r, n = np.asarray(self.window).T
         corr = float(np.corrcoef(r, n)[0, 1]) if r.std() > 0 and n.std() > 0 else 0.0
         if abs(corr) > 0.7 and len(self.window) >= 64:
             logger.warning("reward and response length correlate at %.2f over the last %d samples: "
                            "the policy may be gaming the reward through length", corr, len(self.window))
-        return {"reward_length_corr": corr}
+        out = {"reward_length_corr": corr}
+        if judged is not None:
+            self.trend = (self.trend + [(float(rewards.mean()), float(judged.mean()))])[-JUDGE_WINDOW:]
+            slopes = judge_slopes(self.trend)
+            out.update(zip(("reward_slope", "judge_slope"), slopes))
+            if len(self.trend) == JUDGE_WINDOW and slopes[0] > 0 > slopes[1]:
+                logger.warning("the reward rose (%+.3f per iteration) while the held-out judge fell (%+.3f) over the "
+                               "last %d iterations: the policy may be gaming the reward", *slopes, JUDGE_WINDOW)
+        return out
+
+
+JUDGE_WINDOW = 5  # iterations over which the reward's and the judge's trends are compared
+
+
+def judge_slopes(trend: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares slopes per iteration of (reward mean, judge mean) over ``trend``."""
+    if len(trend) < 2:
+        return 0.0, 0.0
+    y = np.asarray(trend, np.float64)  # (W, 2)
+    x = np.arange(len(y)) - (len(y) - 1) / 2
+    slopes = (x[:, None] * (y - y.mean(0))).sum(0) / (x * x).sum()
+    return float(slopes[0]), float(slopes[1])
 
 
 def launch_pools(c, init_dir: str, ready_replacement, critic_spec=None) -> dict:
-    """The pools of a run; ``ready_replacement(channel)`` readies a replacement actor."""
-    from llm_ray.align.pools import RayActorGroup
+    """The pools of a run by name, those in ``c.colocate`` hosted together;
+    ``ready_replacement(channel)`` readies a replacement actor."""
+    from llm_ray.align.pools import RayActorGroup, colocated_pools
     from llm_ray.align.rl_actors import CriticActor, ReferenceActor, RewardActor, RolloutActor
 
-    common = {"timeout_s": c.timeout_s, "max_restarts": c.max_actor_restarts}
-    pools = {
-        "rollout": RayActorGroup("rollout", RolloutActor, c.rollout, (init_dir, c.rollout_batch_size),
-                                 on_replace=ready_replacement("policy"), **common),
-        "reward": RayActorGroup("reward", RewardActor, c.reward_pool, (dataclasses.asdict(c.reward), c.timeout_s), **common),
-        "reference": RayActorGroup("reference", ReferenceActor, c.reference, (init_dir,), **common),
+    judge = dataclasses.asdict(c.judge) if c.judge.kind else None
+    members = {  # name -> (actor class, args, resources, on_replace)
+        "rollout": (RolloutActor, (init_dir, c.rollout_batch_size), c.rollout, ready_replacement("policy")),
+        "reward": (RewardActor, (dataclasses.asdict(c.reward), c.timeout_s, judge), c.reward_pool, None),
+        "reference": (ReferenceActor, (init_dir,), c.reference, None),
     }
     if critic_spec is not None:
-        pools["critic"] = RayActorGroup("critic", CriticActor, c.critic, (critic_spec,), on_replace=ready_replacement("critic"), **common)
+        members["critic"] = (CriticActor, (critic_spec,), c.critic, ready_replacement("critic"))
+    common = {"timeout_s": c.timeout_s, "max_restarts": c.max_actor_restarts}
+    pools: dict = colocated_pools({n: members[n] for n in c.colocate}, **common) if c.colocate else {}
+    for name, (cls, args, resources, on_replace) in members.items():
+        if name not in pools:
+            pools[name] = RayActorGroup(name, cls, resources, args, on_replace=on_replace, **common)
     return pools
+
+
+def pool_memory_mb(pools: dict) -> float:
+    """Resident memory of the pools' processes, each counted once (colocated roles share one)."""
+    return float(sum(dict(p for pool in pools.values() for p in zip(pool.pids, pool.rss_mb)).values()))
 
 
 def critic_run(tuned):
@@ -435,6 +473,7 @@ def ppo(recipe: Recipe) -> StageResult:
         raise
     finally:
         restarts = {n: p.restarts for n, p in ctl.pools.items()}
+        memory_mb = pool_memory_mb(ctl.pools)
         for pool in ctl.pools.values():
             pool.shutdown()
     for t in trainers:
@@ -448,6 +487,7 @@ def ppo(recipe: Recipe) -> StageResult:
     save_bundle(spec.finalize(trained).cpu(), recipe.model, tuned.bundle.tokenizer.to_str(), tuned.out_dir, provenance,
                 tuned.tokenizer_config())
     summary = run_summary(tuned, ctl.dir, start, len(prompts), prompts.truncated, rejects, rejects_file, rows, restarts, train_summary)
+    summary["pool_memory_mb"] = round(memory_mb, 1)
     summary["wall_s"] = round(time.time() - started, 2)
     return write_summary(tuned.out_dir, summary)
 
@@ -486,6 +526,8 @@ def run_summary(tuned, controller_dir: str, start: int, n_prompts: int, truncate
         "prompt_truncated": truncated,
         "reward_first": first["reward_mean"],
         "reward_last": last["reward_mean"],
+        "judge_first": first.get("judge_mean"),
+        "judge_last": last.get("judge_mean"),
         "kl_last": last["kl_seq_mean"],
         "response_length_last": last["response_length"],
         "logprob_mismatch_max": max(mismatch) if mismatch else None,

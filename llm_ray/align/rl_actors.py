@@ -5,6 +5,7 @@
   takes versioned, bucketed, checksummed weight updates.
 - ``ReferenceActor``: the frozen starting policy's per-token log-probs (the KL leash).
 - ``RewardActor``: a rule function, a reward-model folder, or an HTTP endpoint.
+- ``ColocatedActor``: several of those in one process (colocated pools).
 - ``ExperienceHubActor``: experience by iteration (controller -> trainer) and the latest
   published weights (trainer -> controller -> rollout pool).
 Launched by ``pools.RayActorGroup``; they know nothing of the algorithm.
@@ -22,6 +23,13 @@ import time
 import urllib.request
 
 import numpy as np
+
+
+def actor_info() -> dict:
+    """What a pool records of a ready actor: its process and resident memory (model loaded)."""
+    import psutil
+
+    return {"pid": os.getpid(), "rss_mb": psutil.Process().memory_info().rss / 2**20}
 
 
 def weights_checksum(buckets: list[dict]) -> str:
@@ -62,8 +70,8 @@ class RolloutActor:
                                                max_seq_len=self.bundle.cfg.max_seq_len, max_batch_size=max_batch_size,
                                                max_queue=1 << 20, executor=self.executor)
 
-    def ready(self) -> int:
-        return os.getpid()
+    def ready(self) -> dict:
+        return actor_info()
 
     async def generate(self, requests: list[tuple[list[int], list[int]]], max_new_tokens: int, temperature: float) -> list[list[dict]]:
         """For each (prompt ids, one seed per sample): that many samples, each a dict of token
@@ -104,8 +112,8 @@ class ReferenceActor:
         self.device = local_device()
         self.model = load_bundle(model_dir, device=self.device, dtype=DTYPES.get(dtype, torch.float32)).model.eval()
 
-    def ready(self) -> int:
-        return os.getpid()
+    def ready(self) -> dict:
+        return actor_info()
 
     def logprobs(self, rows: list[tuple[np.ndarray, np.ndarray]], temperature: float, batch_size: int = 16) -> list[np.ndarray]:
         """Per-token log-probs (T,) of each (input_ids (T,), labels (T,)) row under the frozen
@@ -134,8 +142,8 @@ class CriticActor:
         self.model = spec.build().to(self.device).eval()
         self.version = 0
 
-    def ready(self) -> int:
-        return os.getpid()
+    def ready(self) -> dict:
+        return actor_info()
 
     def values(self, rows: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 16) -> list[np.ndarray]:
         import torch
@@ -194,12 +202,14 @@ def checked_rewards(values, n: int, source: str) -> list[float]:
     return out
 
 
-class RewardActor:
-    def __init__(self, source: dict, timeout_s: float = 60.0):
+class RewardSource:
+    """One source of rewards: a rule function, a reward-model folder, or an HTTP endpoint."""
+
+    def __init__(self, source: dict, key: str, timeout_s: float = 60.0):
         from llm_ray.config import from_dict
         from llm_ray.config.align import RewardSourceConfig
 
-        self.cfg = from_dict(RewardSourceConfig, source, "align.ppo.reward")
+        self.cfg = from_dict(RewardSourceConfig, source, key)
         self.timeout_s = timeout_s
         if self.cfg.kind == "function":
             self.fn = resolve_reward_function(self.cfg.function)
@@ -209,11 +219,7 @@ class RewardActor:
             self.fn = RewardScorer(self.cfg.model)
         self.name = getattr(self.cfg, self.cfg.kind)
 
-    def ready(self) -> int:
-        return os.getpid()
-
-    def score(self, items: list[tuple[list[dict], str, dict]]) -> list[float]:
-        """Rewards of (prompt messages, completion, the record's other fields) items."""
+    def __call__(self, items: list[tuple[list[dict], str, dict]]) -> list[float]:
         prompts, completions = [p for p, _, _ in items], [c for _, c, _ in items]
         if self.cfg.kind == "url":
             body = json.dumps({"prompts": prompts, "completions": completions}).encode()
@@ -228,6 +234,52 @@ class RewardActor:
         return checked_rewards(values, len(items), self.name)
 
 
+class RewardActor:
+    """The reward source, and the held-out judge when one is given (same samples, never trained on)."""
+
+    def __init__(self, source: dict, timeout_s: float = 60.0, judge: dict | None = None):
+        self.sources = {"reward": RewardSource(source, "align.ppo.reward", timeout_s)}
+        if judge:
+            self.sources["judge"] = RewardSource(judge, "align.ppo.judge", timeout_s)
+
+    def ready(self) -> dict:
+        return actor_info()
+
+    def score(self, items: list[tuple[list[dict], str, dict]], source: str = "reward") -> list[float]:
+        """Rewards of (prompt messages, completion, the record's other fields) items."""
+        return self.sources[source](items)
+
+
+class ColocatedActor:
+    """Several pools' actors in one process: ``roles`` = {role: (actor class, args)}. Their
+    calls arrive through ``call``; all their torch work runs on one thread (the rollout
+    engine's when it is here: engine.py says why one thread)."""
+
+    def __init__(self, roles: dict):
+        from llm_ray.serve.engine import torch_executor
+
+        self.roles: dict = {}
+        if "rollout" in roles:  # it makes the executor the others then share
+            cls, args = roles["rollout"]
+            self.roles["rollout"] = cls(*args)
+        self.executor = self.roles["rollout"].executor if self.roles else torch_executor()
+        for role, (cls, args) in roles.items():
+            if role not in self.roles:
+                self.roles[role] = self.executor.submit(cls, *args).result()
+
+    def ready(self) -> dict:
+        return actor_info()
+
+    async def call(self, role: str, method: str, *args, **kwargs):
+        import functools
+        import inspect
+
+        fn = getattr(self.roles[role], method)
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+
 class ExperienceHubActor:
     """Async: the controller ``put``s each iteration's experience, trainer ranks ``get`` it; the
     trainer ``publish``es weights after each update, the controller ``wait_weights`` for them."""
@@ -237,8 +289,8 @@ class ExperienceHubActor:
         self.weights: dict[str, tuple[int, list, str, float]] = {}  # channel -> version, bucket refs, checksum, seconds
         self.changed = asyncio.Condition()
 
-    def ready(self) -> int:
-        return os.getpid()
+    def ready(self) -> dict:
+        return actor_info()
 
     async def put(self, iteration: int, arrays: dict) -> None:
         async with self.changed:

@@ -21,3 +21,13 @@ def contains_word(prompts, completions, word=None, **columns) -> list[float]:
     words = word if isinstance(word, list) else [word] * len(completions)
     return [float(bool(w) and re.search(rf"\b{re.escape(str(w))}\b", text, re.IGNORECASE) is not None)
             for w, text in zip(words, completions)]
+
+
+def distinct_share(prompts, completions, **columns) -> list[float]:
+    """The share of a completion's words that are distinct: a judge for ``contains_word``, whose
+    cheapest hack is repeating the word."""
+    out = []
+    for text in completions:
+        words = re.findall(r"\w+", text.lower())
+        out.append(len(set(words)) / len(words) if words else 0.0)
+    return out

@@ -74,6 +74,9 @@ class RewardSourceConfig:
         return next((k for k in ("function", "model", "url") if getattr(self, k)), "")
 
 
+POOLS = {"rollout": "rollout", "reward": "reward_pool", "reference": "reference", "critic": "critic"}  # pool -> its key
+
+
 @dataclass
 class PPOConfig:
     """PPO (InstructGPT's RLHF step) and GRPO. Prompts come from ``finetune.train_path``
@@ -105,10 +108,17 @@ class PPOConfig:
     kl_target: float = 0.0  # > 0: adaptive controller (Ziegler et al. 2019)
     kl_horizon: int = 10000  # samples over which the adaptive coefficient moves
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    # a second, held-out judge scored on the same samples but never trained on: when the
+    # reward rises while the judge falls, the monitor warns (the policy games the reward)
+    judge: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     rollout: PoolConfig = field(default_factory=PoolConfig)
     reward_pool: PoolConfig = field(default_factory=PoolConfig)
     reference: PoolConfig = field(default_factory=PoolConfig)
     critic: PoolConfig = field(default_factory=PoolConfig)
+    # pools hosted together: actor i of each named pool is one process (one torch runtime, one
+    # model-loading copy of the tokenizer and, on a GPU, one CUDA context instead of one per
+    # pool); its resources are the members' summed. E.g. [rollout, reference, reward]
+    colocate: list[str] = field(default_factory=list)
     # PPO's value model: auto = the reward model's backbone and head when reward.model is given
     # (OpenRLHF's default), else the policy's backbone with a fresh head
     critic_from: Literal["auto", "reward_model", "policy"] = "auto"
@@ -134,6 +144,17 @@ class PPOConfig:
         _check(self.critic_from != "reward_model" or self.reward.kind == "model", "critic_from",
                "reward_model needs reward.model (a folder written by `llm-ray reward`)")
         _check(self.critic_lr >= 0, "critic_lr", "must be >= 0 (0 = optim.lr)")
+        unknown = sorted(set(self.colocate) - set(POOLS))
+        _check(not unknown, "colocate", f"unknown pools {unknown}; pools are {list(POOLS)}")
+        _check(len(set(self.colocate)) == len(self.colocate) and len(self.colocate) != 1, "colocate",
+               "name two or more pools, each once")
+        _check(self.estimator == "ppo" or "critic" not in self.colocate, "colocate", "GRPO has no critic pool")
+        sizes = {p: self.pool(p).num_actors for p in self.colocate}
+        _check(len(set(sizes.values())) <= 1, "colocate", f"colocated pools need the same num_actors, got {sizes}")
+
+    def pool(self, name: str) -> PoolConfig:
+        """The resources of pool ``name`` (rollout, reward, reference, critic)."""
+        return getattr(self, POOLS[name])
 
     @property
     def kl_placement(self) -> str:
