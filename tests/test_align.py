@@ -235,17 +235,23 @@ def test_lora_dpo_references_agree_and_bad_records_are_quarantined(ray_cluster, 
 def test_grpo_with_the_trained_reward_model_as_reward_pool_raises_its_reward(baseline, tiny_model_dir, tmp_path):
     """The reward pool scores with the folder ``llm-ray reward`` wrote. Eight prompts, so every
     iteration samples the same ones and the reward model's spread over prompts (std ~1.5 here)
-    does not hide what the policy learned."""
+    does not hide what the policy learned. The policy trains on two ZeRO-3 workers: each
+    iteration's weights are gathered a bucket at a time by both ranks and sent by rank 0."""
     from llm_ray.align.ppo import ppo
 
     _, rm = baseline("reward")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join((REPO / "jobs/data/rl/prompts.jsonl").read_text().splitlines(keepends=True)[:8]))
     ppo(rl_recipe(tiny_model_dir, tmp_path, "grpo-rm", f"finetune.train_path={prompts}", "align.ppo.iterations=12",
-                  "align.ppo.kl_coef=0.02", "align.ppo.reward.function=", f"align.ppo.reward.model={rm.out_dir}"))
+                  "align.ppo.kl_coef=0.02", "align.ppo.reward.function=", f"align.ppo.reward.model={rm.out_dir}",
+                  "parallel.num_workers=2", "parallel.zero_stage=3", "train.micro_batch_size=8"))
     rows = [json.loads(line) for line in open(tmp_path / "grpo-rm" / "controller" / "rollout.jsonl")]
     rewards = [r["reward_mean"] for r in rows]
     assert len(rewards) == 12 and sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+    assert [r["weight_version"] for r in rows] == list(range(12))  # every sync arrived, in order
+    mismatch = [m["logprob_mismatch"] for m in read_metrics(resolve_storage(str(tmp_path)).child("grpo-rm")).values()
+                if "logprob_mismatch" in m]
+    assert len(mismatch) == 12 and max(mismatch) < 1e-4, mismatch  # the rollout ran the gathered weights
 
 
 @pytest.mark.slow

@@ -89,7 +89,7 @@ def policy_buckets(engine, bucket_mb: float) -> list[dict[str, torch.Tensor]]:
     """The changing tensors of the engine's module as CPU buckets (on rank 0; [] elsewhere)."""
     zero3 = engine.zero_optimization_stage() == 3
     if zero3:
-        from deepspeed.zero import GatheredParameters
+        from deepspeed.runtime.zero import GatheredParameters
     entries = _changing_tensors(engine.module)
     limit = bucket_mb * 2**20
 

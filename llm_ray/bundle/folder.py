@@ -134,6 +134,7 @@ def save_bundle(
     try:
         model = model.float() if any(p.dtype != torch.float32 for p in model.parameters()) else model
         save_model(model, os.path.join(staging, WEIGHTS))  # tied weights stored once
+        os.chmod(os.path.join(staging, WEIGHTS), 0o644)  # safetensors writes 0600; a model folder is meant to be shared
         config = {"format": "llm_ray", "model": dataclasses.asdict(cfg), **(provenance or {})}
         files = {CONFIG: json.dumps(config, indent=2), TOKENIZER: tokenizer_json}
         if tokenizer_config:
