@@ -177,6 +177,51 @@ def test_stop_rerun_and_a_killed_rollout_actor_give_the_uninterrupted_numbers(gr
         assert loss[s] == pytest.approx(want[s], abs=1e-6), s
 
 
+def test_prompts_from_s3_jsonl_and_parquet_with_bad_records_quarantined(tiny_model_dir, s3_endpoint, s3_bucket):
+    """The same records from an s3:// JSONL file and an s3:// Parquet folder give the same
+    prompts; a record's other fields become reward columns; bad records are rejected with a
+    reason, never dropped silently; an overlong prompt keeps its end."""
+    import io
+
+    import boto3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llm_ray.align.prompts import load_prompts
+    from llm_ray.bundle import load_bundle
+    from llm_ray.data.sft import ChatTemplate
+
+    good = [
+        {"prompt": "Tell me about the sea.", "word": "blue"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}], "word": "hi"},
+        {"prompt": "long " * 200, "word": "end"},
+    ]
+    bad = [({"text": "no prompt here"}, "no_prompt"),
+           ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "bad_conversation"),
+           ({"prompt": "   "}, "empty_prompt")]
+    lines = [json.dumps(r) for r in good[:2]] + [json.dumps(r) for r, _ in bad] + ["{not json", json.dumps(good[2])]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.put_object(Bucket=s3_bucket, Key="rl/prompts.jsonl", Body="\n".join(lines).encode())
+    buf = io.BytesIO()  # the string-prompt records as a Parquet folder
+    pq.write_table(pa.Table.from_pylist([good[0], good[2]]), buf)
+    s3.put_object(Bucket=s3_bucket, Key="rl-parquet/part-0.parquet", Body=buf.getvalue())
+
+    bundle = load_bundle(tiny_model_dir)
+    prompts, rejects = load_prompts(f"s3://{s3_bucket}/rl/prompts.jsonl", bundle, 64, s3_endpoint=s3_endpoint)
+    assert len(prompts) == 3 and prompts.truncated == 1
+    assert [c["word"] for c in prompts.columns] == ["blue", "hi", "end"]
+    assert prompts.messages[1][0] == {"role": "system", "content": "Be brief."}
+    assert all(len(ids) <= 64 for ids in prompts.ids)
+    whole = bundle.tokenizer.encode(ChatTemplate.for_bundle(bundle).render([{"role": "user", "content": "long " * 200}],
+                                                                           add_generation_prompt=True), add_special_tokens=False).ids
+    assert len(whole) > 64 and prompts.ids[2] == whole[-64:]
+    assert sorted(r["reason"] for r in rejects) == sorted([reason for _, reason in bad] + ["invalid_json"])
+
+    from_parquet, parquet_rejects = load_prompts(f"s3://{s3_bucket}/rl-parquet", bundle, 64, s3_endpoint=s3_endpoint)
+    assert parquet_rejects == [] and from_parquet.ids == [prompts.ids[0], prompts.ids[2]]
+    assert [c["word"] for c in from_parquet.columns] == ["blue", "end"]
+
+
 def test_judge_slopes_are_least_squares_trends():
     from llm_ray.align.ppo import judge_slopes
 
