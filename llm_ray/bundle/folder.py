@@ -3,7 +3,8 @@
 Layout (written by ``llm-ray export``, ``llm-ray import`` and ``llm-ray sft``)::
 
     config.json          {"format": "llm_ray", "model": {ModelConfig fields}, ...provenance}
-    model.safetensors    fp32 weights of ``build_model(cfg)`` (tied weights stored once)
+    model.safetensors    fp32 weights of ``build_model(cfg)`` (tied weights stored once), or
+                         int8/int4 matrices with their scales when config.json has "quantization"
     tokenizer.json       Hugging Face ``tokenizers`` file
     tokenizer_config.json  optional, Hugging Face style: chat_template, bos/eos/pad tokens
 
@@ -91,7 +92,10 @@ def load_bundle(name_or_path: str, device: str | torch.device = "cpu", dtype: Op
         config = json.load(f)
     cfg = from_dict(ModelConfig, config["model"])
     model = build_model(cfg)
-    load_model(model, os.path.join(path, WEIGHTS), strict=True, device=str(device))
+    if "quantization" in config:
+        model.load_state_dict(_dequantized(os.path.join(path, WEIGHTS), config["quantization"], str(device)), strict=True)
+    else:
+        load_model(model, os.path.join(path, WEIGHTS), strict=True, device=str(device))
     if dtype is not None:
         model = model.to(dtype)
     tokenizer = Tokenizer.from_file(os.path.join(path, TOKENIZER))
@@ -113,6 +117,38 @@ def load_bundle(name_or_path: str, device: str | torch.device = "cpu", dtype: Op
     )
 
 
+def _dequantized(weights: str, meta: dict, device: str) -> dict[str, torch.Tensor]:
+    """The float state dict of a quantized folder's weights, tied names restored."""
+    from safetensors.torch import load_file
+
+    from llm_ray.models.quant import dequantize_state_dict
+
+    state = dequantize_state_dict(load_file(weights, device=device), meta["scheme"])
+    for alias, kept in meta.get("tied", {}).items():
+        state[alias] = state[kept]
+    return state
+
+
+def _save_quantized(model: nn.Module, path: str, quantization: dict) -> dict:
+    """Store ``model``'s weights as integers (``models/quant.py``); returns config.json's
+    ``quantization`` entry (scheme, group size, the quantized names, tied aliases)."""
+    from safetensors.torch import save_file
+
+    from llm_ray.models.quant import quantize_state_dict
+
+    state, kept, tied = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in kept:  # a tied weight (the embedding as the LM head): stored once
+            tied[name] = kept[key]
+        else:
+            kept[key], state[name] = name, t.float()
+    scheme, group = quantization["scheme"], int(quantization.get("group_size", 64))
+    stored, names = quantize_state_dict(state, scheme, group)
+    save_file(stored, path)
+    return {"scheme": scheme, "group_size": group, "tensors": names, "tied": tied}
+
+
 def save_bundle(
     model: nn.Module,
     cfg: ModelConfig,
@@ -120,10 +156,13 @@ def save_bundle(
     out_dir: str,
     provenance: Optional[dict] = None,
     tokenizer_config: Optional[dict] = None,
+    quantization: Optional[dict] = None,
 ) -> str:
     """Write a model folder; every file appears whole or not at all (staged, then renamed).
 
-    ``tokenizer_json`` is the tokenizer file's text (``Tokenizer.to_str()``).
+    ``tokenizer_json`` is the tokenizer file's text (``Tokenizer.to_str()``). ``quantization``
+    (``{"scheme": "int8" | "int4", "group_size": 64}``) stores the matrices as integers with
+    their scales; ``load_bundle`` reads such a folder back as a float model.
     """
     import dataclasses
 
@@ -133,9 +172,13 @@ def save_bundle(
     staging = tempfile.mkdtemp(prefix=".bundle-", dir=out_dir)
     try:
         model = model.float() if any(p.dtype != torch.float32 for p in model.parameters()) else model
-        save_model(model, os.path.join(staging, WEIGHTS))  # tied weights stored once
+        extra = {}
+        if quantization:
+            extra["quantization"] = _save_quantized(model, os.path.join(staging, WEIGHTS), quantization)
+        else:
+            save_model(model, os.path.join(staging, WEIGHTS))  # tied weights stored once
         os.chmod(os.path.join(staging, WEIGHTS), 0o644)  # safetensors writes 0600; a model folder is meant to be shared
-        config = {"format": "llm_ray", "model": dataclasses.asdict(cfg), **(provenance or {})}
+        config = {"format": "llm_ray", "model": dataclasses.asdict(cfg), **(provenance or {}), **extra}
         files = {CONFIG: json.dumps(config, indent=2), TOKENIZER: tokenizer_json}
         if tokenizer_config:
             files[TOKENIZER_CONFIG] = json.dumps(tokenizer_config, indent=2)
