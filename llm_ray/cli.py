@@ -111,6 +111,14 @@ def cmd_eval(args) -> None:
     _print_result(eval_stage(spec, args.out))
 
 
+def cmd_compress(args) -> None:
+    from llm_ray.compress.stage import compress_stage
+    from llm_ray.config.compress import load_compress_spec
+
+    spec = load_compress_spec(args.spec, args.set)  # validated before the model loads
+    _print_result(compress_stage(spec, args.out))
+
+
 def cmd_demo(args) -> None:
     from llm_ray.demo import run_demo
 
@@ -243,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. tasks.heldout.window=128")
     p.add_argument("--out", required=True, help="folder for report.json, report.md, summary.json")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compress", help="quantize a model folder (int8, int4, bf16, fp16): bytes, perplexity, tokens/s before/after")
+    p.add_argument("spec", help="YAML compress spec (jobs/recipes/compress-*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method=int4")
+    p.add_argument("--out", required=True, help="folder for the compressed model folder and summary.json")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("demo", help="tokenizer -> pretrain -> resume -> export -> sample, on local Ray and CPU")
     p.add_argument("--out", default="runs/demo")

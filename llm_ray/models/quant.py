@@ -6,6 +6,7 @@
   cap the size ratio near 2.5x.
 - int4, per group of ``group_size`` inputs within a row, symmetric in [-7, 7] (offset by 8
   into a nibble), two weights per byte: s = max|w_group| / 7.
+- bf16 / fp16: every float tensor cast (half the bytes of fp32).
 
 Written by hand because the folder format is ours: torchao's ``quantize_`` gives tensor
 subclasses for its kernels, not a file layout, and on this project's CPUs its int8 paths were
@@ -20,7 +21,8 @@ from typing import Literal
 
 import torch
 
-Scheme = Literal["int8", "int4"]
+Scheme = Literal["int8", "int4", "bf16", "fp16"]
+CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 QWEIGHT, QSCALE = ".qweight", ".qscale"  # suffixes of a quantized tensor's stored parts
 
 
@@ -67,10 +69,14 @@ def quantizable(name: str, t: torch.Tensor, scheme: Scheme, group_size: int) -> 
 
 def quantize_state_dict(state: dict[str, torch.Tensor], scheme: Scheme, group_size: int = 64) -> tuple[dict, list[str]]:
     """(tensors to store, names quantized): each quantized ``name`` becomes ``name.qweight``
-    and ``name.qscale``; the rest are stored as they are."""
+    and ``name.qscale``; the rest are stored as they are (cast, for bf16 / fp16)."""
     out, names = {}, []
     for name, t in state.items():
-        if quantizable(name, t, scheme, group_size):
+        if scheme in CASTS:
+            cast = t.is_floating_point()
+            out[name] = t.detach().to(CASTS[scheme]).contiguous() if cast else t.detach().contiguous()
+            names += [name] if cast else []
+        elif quantizable(name, t, scheme, group_size):
             q, s = quantize_int8_rows(t) if scheme == "int8" else quantize_int4_groups(t, group_size)
             out[name + QWEIGHT], out[name + QSCALE] = q.contiguous(), s.contiguous()
             names.append(name)
@@ -90,5 +96,5 @@ def dequantize_state_dict(stored: dict[str, torch.Tensor], scheme: Scheme) -> di
             scale = stored[base + QSCALE]
             out[base] = dequantize_int8_rows(t, scale) if scheme == "int8" else dequantize_int4_groups(t, scale)
         else:
-            out[name] = t
+            out[name] = t.float() if t.is_floating_point() else t
     return out

@@ -1,0 +1,7 @@
+"""``llm-ray compress``: model changes that make a model folder smaller or faster, each judged
+by held-out perplexity and tokens/s against the original in the same run.
+
+Built: stored-weight quantization (int8 per row, int4 per group, bf16 / fp16 casts:
+``models/quant.py``), written as a model folder every later stage loads (``load_bundle``
+dequantizes it). Pruning, distillation and the Ray Tune sweep are issue 13's next parts.
+"""
