@@ -35,7 +35,8 @@ def test_compress_command_writes_a_quantized_folder_with_before_and_after(tiny_m
 
 
 @pytest.mark.parametrize("override,key", [("method=int3", "method"), ("group_size=7", "group_size"),
-                                          ("eval_text=/no/such.txt", "eval_text"), ("model=/no/such/model", "model")])
+                                          ("eval_text=/no/such.txt", "eval_text"), ("model=/no/such/model", "model"),
+                                          ("sparsity=1.0", "sparsity"), ("calibration_text=/no/such.txt", "calibration_text")])
 def test_bad_compress_specs_name_the_key(tiny_model_dir, tmp_path, override, key):
     from llm_ray.compress.stage import compress_stage
     from llm_ray.config.compress import load_compress_spec
@@ -45,3 +46,56 @@ def test_bad_compress_specs_name_the_key(tiny_model_dir, tmp_path, override, key
         compress_stage(spec, str(tmp_path / "out"))
     assert e.value.key == key, str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_pruned_ffn_channels_shrink_the_model_and_keep_the_rest_bit_identical(tiny_model_dir, calibrated):
+    """Half of every layer's FFN channels go: the parameter count falls by exactly
+    n_layers x 3 x d_model x removed (SwiGLU, no bias), every kept weight is the original's
+    bit for bit, and each pruned FFN computes what the original does with those channels off."""
+    import dataclasses
+
+    import torch
+
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.measure import parameter_counts
+    from llm_ray.compress.prune import calibration_ids, ffn_channel_scores, prune_ffn_channels
+
+    b = load_bundle(tiny_model_dir)
+    cfg, d_ff = b.cfg, b.cfg.ffn_dim
+    calibration = calibration_ids(b.tokenizer, HELDOUT, 256, 32) if calibrated else None
+    scores = ffn_channel_scores(b.model, calibration)
+    pruned, new_cfg, kept = prune_ffn_channels(b.model, cfg, d_ff // 2, scores)
+    assert new_cfg == dataclasses.replace(cfg, d_ff=d_ff // 2)
+    removed = d_ff - d_ff // 2
+    assert parameter_counts(b.model)["params"] - parameter_counts(pruned)["params"] == cfg.n_layers * 3 * cfg.d_model * removed
+    old, new = b.model.state_dict(), pruned.state_dict()
+    for name, t in new.items():
+        if ".ffn." not in name:
+            assert torch.equal(t, old[name]), name
+    x = torch.randn(3, 5, cfg.d_model)
+    for i, idx in enumerate(kept):
+        f, g = b.model.layers[i].ffn, pruned.layers[i].ffn
+        assert torch.equal(g.gate.weight, f.gate.weight[idx]) and torch.equal(g.down.weight, f.down.weight[:, idx])
+        assert bool((scores[i][idx].min() >= scores[i][[j for j in range(d_ff) if j not in set(idx.tolist())]].max()))
+        mask = torch.zeros(d_ff)
+        mask[idx] = 1
+        with torch.no_grad():
+            off = f.down(torch.nn.functional.silu(f.gate(x)) * f.up(x) * mask)
+            assert torch.allclose(g(x), off, atol=1e-6)
+
+
+def test_compress_prune_ffn_writes_a_smaller_folder_with_the_new_shape(tiny_model_dir, tmp_path):
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.stage import compress_stage
+    from llm_ray.config.compress import load_compress_spec
+
+    spec = load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"),
+                              [f"model={tiny_model_dir}", "method=prune_ffn", "sparsity=0.5", f"calibration_text={HELDOUT}",
+                               "calibration_tokens=256", "window=32", "eval_tokens=256", "speed_batches=[1]"])
+    s = compress_stage(spec, str(tmp_path / "pruned")).summary
+    d_ff = load_bundle(tiny_model_dir).cfg.ffn_dim
+    assert s["d_ff"] == [d_ff, d_ff - d_ff // 2] and load_bundle(s["out_dir"]).cfg.d_ff == d_ff - d_ff // 2
+    removed = s["before"]["params"] - s["after"]["params"]
+    assert removed > 0 and s["before"]["bytes"] - s["after"]["bytes"] >= 4 * removed  # fp32: 4 bytes a parameter
+    assert s["after"]["perplexity"] > 0 and "tokens_per_s_b1_ratio" in s

@@ -3,5 +3,6 @@ by held-out perplexity and tokens/s against the original in the same run.
 
 Built: stored-weight quantization (int8 per row, int4 per group, bf16 / fp16 casts:
 ``models/quant.py``), written as a model folder every later stage loads (``load_bundle``
-dequantizes it). Pruning, distillation and the Ray Tune sweep are issue 13's next parts.
+dequantizes it); FFN channel pruning that shrinks the matrices (``prune.py``). Unstructured
+and head pruning, distillation and the Ray Tune sweep are issue 13's next parts.
 """

@@ -11,15 +11,20 @@ from typing import Literal, Optional
 from llm_ray.config.loader import apply_overrides, from_dict, load_yaml
 from llm_ray.config.loader import check as _check
 
-# stored-weight methods: int8 (per row), int4 (per group of group_size), bf16 / fp16 (casts)
-METHODS = ("int8", "int4", "bf16", "fp16")
+# stored-weight methods: int8 (per row), int4 (per group of group_size), bf16 / fp16 (casts);
+# structured: prune_ffn (a share of every layer's FFN channels removed: smaller matrices)
+QUANTIZE = ("int8", "int4", "bf16", "fp16")
+METHODS = QUANTIZE + ("prune_ffn",)
 
 
 @dataclass
 class CompressSpec:
     model: str = ""  # a model folder or a packaged name ("smollm2")
-    method: Literal["int8", "int4", "bf16", "fp16"] = "int8"
+    method: Literal["int8", "int4", "bf16", "fp16", "prune_ffn"] = "int8"
     group_size: int = 64  # int4: inputs per scale (a matrix whose width it does not divide stays float)
+    sparsity: float = 0.5  # prune_ffn: the share of each layer's FFN channels removed
+    calibration_text: str = ""  # prune_ffn: text whose activations score channels (Wanda); "" = weights only
+    calibration_tokens: int = 2048
     eval_text: str = ""  # held-out text file for perplexity before and after
     eval_tokens: int = 4096  # its first tokens scored
     window: int = 256  # perplexity window (stride = window / 2)
@@ -30,6 +35,8 @@ class CompressSpec:
         _check(bool(self.model), "model", "needs a model folder or a packaged model name (e.g. smollm2)")
         _check(self.method in METHODS, "method", f"one of {list(METHODS)}, got {self.method!r}")
         _check(self.group_size >= 2 and self.group_size % 2 == 0, "group_size", "must be an even number >= 2")
+        _check(0 < self.sparsity < 1, "sparsity", "must be in (0, 1)")
+        _check(self.calibration_tokens >= 2, "calibration_tokens", "must be >= 2")
         _check(bool(self.eval_text), "eval_text", "needs a held-out text file (perplexity before and after)")
         _check(self.eval_tokens >= 2, "eval_tokens", "must be >= 2")
         _check(self.window >= 2, "window", "must be >= 2")
@@ -37,9 +44,11 @@ class CompressSpec:
         _check(bool(self.speed_batches) and all(b >= 1 for b in self.speed_batches), "speed_batches", "batch sizes must be >= 1")
 
     def resolve_paths(self, base: str | Path) -> "CompressSpec":
-        """``eval_text`` relative to the spec file's folder when it does not exist as given."""
-        if self.eval_text and not Path(self.eval_text).exists() and (Path(base) / self.eval_text).exists():
-            self.eval_text = str(Path(base) / self.eval_text)
+        """Text paths relative to the spec file's folder when it does not exist as given."""
+        for key in ("eval_text", "calibration_text"):
+            value = getattr(self, key)
+            if value and not Path(value).exists() and (Path(base) / value).exists():
+                setattr(self, key, str(Path(base) / value))
         return self
 
     def to_dict(self) -> dict:

@@ -1,0 +1,92 @@
+"""Structured pruning that really shrinks the model: FFN channels removed, every layer keeping
+the same number, so the config says the new shape (``d_ff``) and the matrices are smaller.
+
+A channel j of an FFN is row j of ``gate`` / ``up`` and column j of ``down``. Its score is
+Wanda's |W|·‖X‖ taken per channel: ‖down[:, j]‖₂ · ‖h_j‖₂, where h is the input of ``down``
+(the channel's activation) over calibration tokens; without calibration text,
+‖down[:, j]‖₂ · ‖up_j‖₂ (· ‖gate_j‖₂ for SwiGLU). The lowest-scoring channels of each layer
+go; the kept ones stay in their order with their weights untouched (bit-identical).
+
+``torch.nn.utils.prune`` only masks weights with zeros, which shrinks nothing, so the slicing
+is written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from llm_ray.models.ffn import GeluMLP, SwiGLU
+
+
+def dense_ffns(model: torch.nn.Module) -> list:
+    """Each layer's FFN; a mixture-of-experts layer has no single set of channels to prune."""
+    ffns = [layer.ffn for layer in model.layers]
+    if not all(isinstance(f, (SwiGLU, GeluMLP)) for f in ffns):
+        raise ValueError("FFN channel pruning needs dense FFNs (model.moe.num_experts: 0)")
+    return ffns
+
+
+@torch.no_grad()
+def ffn_channel_scores(model: torch.nn.Module, calibration: torch.Tensor | None = None, batch: int = 8) -> list[torch.Tensor]:
+    """(d_ff,) score per channel for each layer; ``calibration`` (N, T) token ids or None."""
+    ffns = dense_ffns(model)
+    weight_norms = [f.down.weight.float().norm(dim=0) for f in ffns]  # (d_ff,) column norms of down
+    if calibration is None:
+        out = []
+        for f, w in zip(ffns, weight_norms):
+            s = w * f.up.weight.float().norm(dim=1)
+            out.append(s * f.gate.weight.float().norm(dim=1) if isinstance(f, SwiGLU) else s)
+        return out
+    sums = [torch.zeros_like(w) for w in weight_norms]  # sum over tokens of h_j^2
+
+    def hook(i):
+        def pre(module, args):
+            h = args[0].float().reshape(-1, args[0].shape[-1])  # (tokens, d_ff)
+            sums[i] += (h * h).sum(0)
+        return pre
+
+    handles = [f.down.register_forward_pre_hook(hook(i)) for i, f in enumerate(ffns)]
+    try:
+        model.eval()
+        for i in range(0, len(calibration), batch):
+            model(calibration[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return [w * s.sqrt() for w, s in zip(weight_norms, sums)]
+
+
+@torch.no_grad()
+def prune_ffn_channels(model: torch.nn.Module, cfg, keep: int, scores: list[torch.Tensor]):
+    """(the pruned model, its config with ``d_ff = keep``, the kept channel ids per layer)."""
+    from llm_ray.models import build_model
+
+    if not 1 <= keep <= cfg.ffn_dim:
+        raise ValueError(f"keep {keep} channels of {cfg.ffn_dim}")
+    new_cfg = dataclasses.replace(cfg, d_ff=keep)
+    pruned = build_model(new_cfg)
+    kept = [s.topk(keep).indices.sort().values for s in scores]  # the best, in their order
+    state = model.state_dict()
+    new_state = {}
+    for name, t in pruned.state_dict().items():
+        src = state[name]
+        if src.shape == t.shape:
+            new_state[name] = src
+            continue
+        layer, part = int(name.split(".")[1]), name.rsplit(".", 2)[-2]  # layers.<i>.ffn.<part>.weight|bias
+        idx = kept[layer]
+        new_state[name] = src[:, idx] if part == "down" and name.endswith("weight") else src[idx]
+    pruned.load_state_dict(new_state, strict=True)
+    return pruned.eval(), new_cfg, kept
+
+
+def calibration_ids(tokenizer, path: str, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """(N, seq_len) token ids: the first ``n_tokens`` tokens of a text file in rows."""
+    with open(path, encoding="utf-8") as f:
+        ids = tokenizer.encode(f.read()).ids[:n_tokens]
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one row of {seq_len}")
+    return torch.tensor(ids[:rows * seq_len]).reshape(rows, seq_len)
