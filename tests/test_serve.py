@@ -1,7 +1,8 @@
 """Serving: real Ray Serve, real HTTP, a tiny random decoder (seconds to load).
 
 One Serve instance for the module with two applications: ``/main`` (API keys on, batch 32)
-and ``/small`` (one batch slot, one queue place: overload on purpose).
+and ``/small`` (one batch slot, one queue place: overload on purpose; it serves an int8
+quantized copy of the model folder, ``llm-ray compress``'s output).
 """
 
 from __future__ import annotations
@@ -69,7 +70,17 @@ def bundle(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_dir):
+def int8_dir(bundle, tiny_dir):
+    """The tiny folder with its matrices stored as int8 (what ``llm-ray compress`` writes)."""
+    from llm_ray.bundle import save_bundle
+
+    tok_config = json.loads(open(f"{tiny_dir}/tokenizer_config.json").read())
+    return save_bundle(bundle.model, bundle.cfg, bundle.tokenizer.to_str(), f"{tiny_dir}-int8", tokenizer_config=tok_config,
+                       quantization={"scheme": "int8"})
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_dir, int8_dir):
     """Base URLs of the two applications on one Serve HTTP proxy."""
     from ray import serve
 
@@ -80,7 +91,7 @@ def server(ray_cluster, tiny_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(model=tiny_dir, model_name="tiny", dtype="fp32", cpus_per_replica=0, num_replicas=1)
     main = ServeConfig(**common, api_keys=[KEY], max_batch_size=32, max_queue=64)
-    small = ServeConfig(**common, app_name="small", max_batch_size=1, max_queue=1, max_ongoing_requests=32, retry_after_s=2)
+    small = ServeConfig(**{**common, "model": int8_dir}, app_name="small", max_batch_size=1, max_queue=1, max_ongoing_requests=32, retry_after_s=2)
     serve.run(deployment_for(main), name="main", route_prefix="/main")
     serve.run(deployment_for(small), name="small", route_prefix="/small")
     base = f"http://127.0.0.1:{port}"
@@ -343,6 +354,18 @@ def test_api_keys_models_and_health(server):
     assert status == 200 and json.loads(text)["status"] == "ok"
     status, _, _ = call(f"{server['small']}/v1/models", key=None)  # no keys configured: open
     assert status == 200
+
+
+def test_a_quantized_model_folder_answers_through_the_endpoint(server, int8_dir):
+    """/small serves the int8 folder: its greedy answer is the generation API's on that folder."""
+    from llm_ray.bundle import load_bundle
+
+    quantized = load_bundle(int8_dir)
+    assert quantized.config["quantization"]["scheme"] == "int8"
+    status, _, text = call(f"{server['small']}/v1/completions", {"prompt": "The import statement", "max_tokens": 12,
+                                                                 "temperature": 0}, key=None)
+    assert status == 200, text
+    assert json.loads(text)["choices"][0]["text"] == reference(quantized, "The import statement", 12).text
 
 
 def test_overloaded_replica_answers_503_with_retry_after(server):
