@@ -90,3 +90,77 @@ def calibration_ids(tokenizer, path: str, n_tokens: int, seq_len: int) -> torch.
     if rows == 0:
         raise ValueError(f"{path}: {len(ids)} tokens, fewer than one row of {seq_len}")
     return torch.tensor(ids[:rows * seq_len]).reshape(rows, seq_len)
+
+
+# -- unstructured pruning: zeros in place (a dense file does not shrink; non-zeros fall) ----------
+def layer_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The transformer blocks' linear maps (attention and FFN); the embedding and the LM head
+    stay dense, as in Wanda."""
+    return {f"layers.{i}.{n}": m for i, layer in enumerate(model.layers) for n, m in layer.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+@torch.no_grad()
+def input_norms(model: torch.nn.Module, linears: dict, calibration: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
+    """‖X_j‖₂ over the calibration tokens of each linear's input feature j (one dense pass)."""
+    sums = {name: torch.zeros(m.in_features) for name, m in linears.items()}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0].float().reshape(-1, args[0].shape[-1])
+            sums[name] += (x * x).sum(0).cpu()
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        model.eval()
+        for i in range(0, len(calibration), batch):
+            model(calibration[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s.sqrt() for n, s in sums.items()}
+
+
+def _keep_mask(score: torch.Tensor, sparsity: float, per_row: bool, n_m: tuple[int, int] | None) -> torch.Tensor:
+    """True where a weight stays: the highest scores per row / per matrix, or N of every M inputs."""
+    if n_m is not None:
+        n, m = n_m
+        if score.shape[1] % m:
+            raise ValueError(f"{n}:{m} sparsity needs inputs in groups of {m}, got {score.shape[1]}")
+        groups = score.reshape(score.shape[0], -1, m)  # (O, I/M, M)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(n, dim=2).indices, True)
+        return keep.reshape(score.shape)
+    flat = score if per_row else score.reshape(1, -1)
+    k = flat.shape[1] - int(sparsity * flat.shape[1])  # kept per row (or per matrix)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(k, dim=1).indices, True)
+    return keep.reshape(score.shape)
+
+
+@torch.no_grad()
+def prune_unstructured(model: torch.nn.Module, method: str, sparsity: float, calibration: torch.Tensor | None = None,
+                       n_m: tuple[int, int] | None = None) -> dict:
+    """Zero weights of the blocks' linears in place; returns {name: share zeroed}.
+
+    ``magnitude``: the smallest |W| of each matrix; ``magnitude_global``: of all of them at once;
+    ``wanda``: the smallest |W_ij|·‖X_j‖ within each output row (Sun et al. 2023), from the
+    dense model's activations on ``calibration``. ``n_m`` = (2, 4): N of every M inputs kept
+    (by the method's score) instead of a share.
+    """
+    linears = layer_linears(model)
+    if method == "wanda":
+        if calibration is None:
+            raise ValueError("wanda needs calibration text (activation norms)")
+        norms = input_norms(model, linears, calibration)
+        scores = {n: m.weight.abs().float() * norms[n][None, :] for n, m in linears.items()}
+    else:
+        scores = {n: m.weight.abs().float() for n, m in linears.items()}
+    if method == "magnitude_global" and n_m is None:
+        everything = torch.cat([s.reshape(-1) for s in scores.values()])
+        threshold = everything.kthvalue(max(1, int(sparsity * everything.numel()))).values
+        masks = {n: s > threshold for n, s in scores.items()}
+    else:
+        masks = {n: _keep_mask(s, sparsity, per_row=method == "wanda", n_m=n_m) for n, s in scores.items()}
+    for n, m in linears.items():
+        m.weight.mul_(masks[n].to(m.weight.dtype))
+    return {n: float(1 - masks[n].float().mean()) for n in linears}

@@ -8,6 +8,7 @@ import json
 import os
 import time
 
+from llm_ray.config.compress import UNSTRUCTURED
 from llm_ray.stage import StageResult, write_summary
 
 
@@ -27,19 +28,41 @@ def compressed_folder(original, spec, out_dir: str) -> str:
         provenance["compression"]["sparsity"] = spec.sparsity
         model, cfg = pruned_ffn(original, spec)
         return save_bundle(model, cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config)
+    if spec.method in UNSTRUCTURED:
+        model, shares = sparse_copy(original, spec)
+        provenance["compression"].update(sparsity=spec.sparsity, n_m=spec.n_m or None, zeroed_share=shares)
+        return save_bundle(model, original.cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config)
     provenance["compression"]["group_size"] = spec.group_size
     return save_bundle(original.model, original.cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config,
                        quantization={"scheme": spec.method, "group_size": spec.group_size})
 
 
+def _calibration(original, spec):
+    from llm_ray.compress.prune import calibration_ids
+
+    if not spec.calibration_text:
+        return None
+    return calibration_ids(original.tokenizer, spec.calibration_text, spec.calibration_tokens,
+                           min(spec.window, original.cfg.max_seq_len))
+
+
+def sparse_copy(original, spec):
+    """(a copy of the model with ``spec.method``'s unstructured zeros, the share zeroed in the
+    pruned matrices: the embedding and LM head stay dense, so the whole model's is lower)."""
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.prune import layer_linears, prune_unstructured
+
+    model = load_bundle(original.path).model  # a fresh copy: the original is measured as it was
+    shares = prune_unstructured(model, spec.method, spec.sparsity, _calibration(original, spec), tuple(spec.n_m) or None)
+    sizes = {n: m.weight.numel() for n, m in layer_linears(model).items()}
+    return model, round(sum(shares[n] * sizes[n] for n in sizes) / sum(sizes.values()), 4)
+
+
 def pruned_ffn(original, spec):
     """(model, config) with ``spec.sparsity`` of every layer's FFN channels removed."""
-    from llm_ray.compress.prune import calibration_ids, ffn_channel_scores, prune_ffn_channels
+    from llm_ray.compress.prune import ffn_channel_scores, prune_ffn_channels
 
-    calibration = None
-    if spec.calibration_text:
-        calibration = calibration_ids(original.tokenizer, spec.calibration_text, spec.calibration_tokens,
-                                      min(spec.window, original.cfg.max_seq_len))
+    calibration = _calibration(original, spec)
     keep = original.cfg.ffn_dim - round(spec.sparsity * original.cfg.ffn_dim)
     model, cfg, _ = prune_ffn_channels(original.model, original.cfg, max(1, keep), ffn_channel_scores(original.model, calibration))
     return model, cfg
@@ -83,6 +106,7 @@ def compress_stage(spec, out_dir: str) -> StageResult:
         "method": spec.method,
         "group_size": spec.group_size if spec.method == "int4" else None,
         "d_ff": [original.cfg.ffn_dim, compressed.cfg.ffn_dim],
+        "sparsity": 1 - after["nonzeros"] / after["params"],
         "tensors_compressed": len(meta.get("tensors", [])),
         "eval_text": os.path.abspath(spec.eval_text),
         "before": before,
