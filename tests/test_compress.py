@@ -140,3 +140,14 @@ def test_wanda_raises_perplexity_far_less_than_magnitude_at_half_sparsity(smollm
         assert all(abs(s - 0.5) < 0.01 for s in shares.values()), method
         after[method] = heldout_perplexity(b, HELDOUT, 4096, 256)["perplexity"]
     assert after["wanda"] - base <= 0.5 * (after["magnitude"] - base), (base, after)
+
+
+def test_bench_compress_ends_with_one_json_line_of_same_run_ratios(tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-m", "llm_ray.cli", "bench", "compress", HELDOUT, "--model", tiny_model_dir,
+                           "--methods", "int8,magnitude", "--set", "window=32", "--set", "speed_new_tokens=4"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["baseline"] == "original" and set(figures) >= {"int8", "magnitude"}
+    assert figures["int8"]["size_over_original"] >= 3.5 and figures["magnitude"]["size_over_original"] == 1.0
+    assert "int8" in proc.stdout and "limits" not in figures
