@@ -112,9 +112,21 @@ def cmd_eval(args) -> None:
 
 
 def cmd_compress(args) -> None:
+    from llm_ray.config import RecipeError
+
+    if args.spec == "sweep":  # llm-ray compress sweep SPEC
+        from llm_ray.compress.sweep import sweep_stage
+        from llm_ray.config.compress import load_sweep_spec
+
+        if not args.sweep_spec:
+            raise RecipeError("", "llm-ray compress sweep needs a sweep spec (jobs/recipes/compress-sweep-*.yaml)")
+        _print_result(sweep_stage(*load_sweep_spec(args.sweep_spec, args.set)))  # every trial validated first
+        return
     from llm_ray.compress.stage import compress_stage
     from llm_ray.config.compress import load_compress_spec
 
+    if not args.out:
+        raise RecipeError("", "llm-ray compress SPEC needs --out DIR")
     spec = load_compress_spec(args.spec, args.set)  # validated before the model loads
     _print_result(compress_stage(spec, args.out))
 
@@ -258,10 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.json, report.md, summary.json")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compress", help="quantize a model folder (int8, int4, bf16, fp16): bytes, perplexity, tokens/s before/after")
-    p.add_argument("spec", help="YAML compress spec (jobs/recipes/compress-*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method=int4")
-    p.add_argument("--out", required=True, help="folder for the compressed model folder and summary.json")
+    p = sub.add_parser("compress", help="quantize or prune a model folder (SPEC --out DIR), or sweep methods with Ray Tune (sweep SPEC)")
+    p.add_argument("spec", help="YAML compress spec (jobs/recipes/compress-*.yaml), or 'sweep'")
+    p.add_argument("sweep_spec", nargs="?", help="after 'sweep': the sweep spec (a compress spec with a sweep section)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method=int4, sweep.name=s2")
+    p.add_argument("--out", help="SPEC: folder for the compressed model folder and summary.json")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("demo", help="tokenizer -> pretrain -> resume -> export -> sample, on local Ray and CPU")

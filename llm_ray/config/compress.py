@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from llm_ray.config.loader import apply_overrides, from_dict, load_yaml
 from llm_ray.config.loader import check as _check
@@ -63,7 +63,57 @@ class CompressSpec:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class SweepConfig:
+    """``llm-ray compress sweep``: a Ray Tune grid over compress specs (section ``sweep``).
+
+    ``grid`` is a list of override mappings, each a family of trials: a list value expands into
+    one trial per element (``{method: int4, group_size: [32, 64]}`` is two trials), so methods
+    with different hyperparameters share one experiment without meaningless combinations."""
+
+    name: str = "compress-sweep"
+    storage_path: str = "runs"  # the experiment folder is storage_path/name (what Tune restores)
+    grid: Any = field(default_factory=list)  # a list of override mappings (checked below)
+    max_concurrent_trials: int = 2
+    cpus_per_trial: float = 1.0
+    objectives: list[str] = field(default_factory=lambda: ["perplexity", "bytes"])  # minimised: the Pareto axes
+
+    def __post_init__(self):
+        _check(bool(self.grid) and all(isinstance(g, dict) and g for g in self.grid), "grid",
+               "needs a list of override mappings, e.g. [{method: int8}, {method: int4, group_size: [32, 64]}]")
+        fields = {f.name for f in dataclasses.fields(CompressSpec)}
+        for i, entry in enumerate(self.grid):
+            unknown = sorted(set(entry) - fields)
+            _check(not unknown, f"grid.{i}", f"unknown keys {unknown}")
+        _check(self.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1")
+        _check(self.cpus_per_trial > 0, "cpus_per_trial", "must be > 0")
+        _check(len(self.objectives) == 2, "objectives", "two figures to minimise (the plot's axes)")
+
+    def trials(self) -> list[dict]:
+        """Every trial's overrides, in grid order (list values expanded, their product)."""
+        import itertools
+
+        out = []
+        for entry in self.grid:
+            keys = list(entry)
+            values = [v if isinstance(v, list) and k != "speed_batches" and k != "n_m" else [v] for k, v in entry.items()]
+            out += [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+        return out
+
+
 def load_compress_spec(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> CompressSpec:
     data = load_yaml(path) if path else {}
-    spec = from_dict(CompressSpec, apply_overrides(data, list(overrides or [])))
+    data = apply_overrides(data, list(overrides or []))
+    data.pop("sweep", None)  # a sweep file is a compress spec plus its sweep section
+    spec = from_dict(CompressSpec, data)
     return spec.resolve_paths(Path(path).parent) if path else spec
+
+
+def load_sweep_spec(path: str, overrides: Optional[list[str]] = None) -> tuple[CompressSpec, SweepConfig]:
+    """(the base compress spec, the sweep) of a sweep file; ``--set sweep.key=...`` reaches the sweep."""
+    data = apply_overrides(load_yaml(path), list(overrides or []))
+    sweep = from_dict(SweepConfig, data.pop("sweep", None) or {}, "sweep")
+    spec = from_dict(CompressSpec, data).resolve_paths(Path(path).parent)
+    for trial in sweep.trials():  # every trial's spec is valid before Tune starts
+        from_dict(CompressSpec, {**spec.to_dict(), **trial}, "sweep.grid")
+    return spec, sweep
