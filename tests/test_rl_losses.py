@@ -140,3 +140,37 @@ def test_entropy_and_whitening():
     vals = w[MASK]
     assert vals.mean().item() == pytest.approx(0, abs=1e-6) and vals.std().item() == pytest.approx(1, rel=1e-4)
     assert torch.equal(w[~MASK], torch.zeros_like(w[~MASK]))
+
+
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 1.0), (2.0, 0.5), (4.0, 0.1)])
+def test_distillation_loss_is_hintons_soft_targets_plus_hard_ce(temperature, alpha):
+    """Against torch's own kl_div (batchmean over scored positions) and cross entropy, written out."""
+    import torch.nn.functional as F
+
+    from llm_ray.models.losses import IGNORE_INDEX, distillation_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11) * 2
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :2] = IGNORE_INDEX
+    loss, kl, ce = distillation_loss(s, t, labels, temperature, alpha)
+    keep = labels != IGNORE_INDEX
+    want_kl = F.kl_div(F.log_softmax(s[keep] / temperature, -1), F.log_softmax(t[keep] / temperature, -1),
+                       reduction="batchmean", log_target=True) * temperature ** 2
+    want_ce = F.cross_entropy(s[keep], labels[keep])
+    assert torch.allclose(kl, want_kl, atol=1e-6) and torch.allclose(ce, want_ce, atol=1e-6)
+    assert torch.allclose(loss, alpha * want_kl + (1 - alpha) * want_ce, atol=1e-6)
+    same, _, _ = distillation_loss(t, t, labels, temperature, 1.0)
+    assert abs(float(same)) < 1e-6  # a student equal to its teacher pays nothing
+
+
+def test_hidden_cosine_loss_counts_unmasked_positions_only():
+    from llm_ray.models.losses import hidden_cosine_loss
+
+    h = torch.randn(2, 4, 8)
+    other = h.clone()
+    other[1, 3] = -h[1, 3]  # opposite at one masked-out position: 1 - cos = 2 there
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 3] = False
+    assert float(hidden_cosine_loss(other, h, mask)) < 1e-6
+    assert float(hidden_cosine_loss(other, h, torch.ones_like(mask))) == pytest.approx(2 / 8, abs=1e-6)

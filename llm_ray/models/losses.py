@@ -223,3 +223,26 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logz = torch.logsumexp(logits, dim=-1, keepdim=True)
     p = torch.exp(logits - logz)
     return (logz.squeeze(-1) - (p * logits).sum(-1))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float = 2.0, alpha: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hinton et al. 2015 / DistilBERT: α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1−α)·CE.
+
+    logits (B, T, V), labels (B, T) with IGNORE_INDEX where no token is scored (both terms are
+    means over the scored positions). T² keeps the soft term's gradient scale independent of T.
+    Returns (loss, the KL term, the CE term).
+    """
+    mask = labels != IGNORE_INDEX  # (B, T)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)  # (B, T) KL(teacher ‖ student) per position
+    kl = masked_mean(kl, mask.float()) * temperature ** 2
+    ce = token_cross_entropy(student_logits, labels)
+    return alpha * kl + (1 - alpha) * ce, kl, ce
+
+
+def hidden_cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """DistilBERT's cosine term: mean over unmasked positions of 1 − cos(h_s, h_t); hidden (B, T, d)."""
+    cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)  # (B, T)
+    return masked_mean(1 - cos, mask.float())
