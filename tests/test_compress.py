@@ -210,3 +210,33 @@ def test_sweep_writes_the_pareto_front_and_restores_without_rerunning_finished_t
     for label in front["front"]:  # nothing beats a front member on both figures
         p, b = sizes[label]
         assert not any(q <= p and c <= b and (q, c) != (p, b) for q, c in sizes.values())
+
+
+@pytest.mark.slow
+def test_distill_trains_a_half_depth_student_from_every_other_teacher_layer(ray_cluster, tiny_model_dir, tmp_path):
+    """The wiring of ``method: distill`` on the engine (Ray Train + DeepSpeed): the student has
+    half the teacher's layers, starts from teacher layers 0, 2, ..., trains against the frozen
+    teacher (its KL term logged per step), and its folder loads with the new depth."""
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.distill import every_other_layer
+    from llm_ray.compress.stage import compress_stage
+    from llm_ray.config.compress import load_compress_spec
+    from llm_ray.storage import resolve_storage
+    from llm_ray.train.metrics import read_metrics
+
+    assert every_other_layer(4, 2) == [0, 2] and every_other_layer(6, 3) == [0, 2, 4] and every_other_layer(2, 1) == [0]
+    teacher = load_bundle(tiny_model_dir)
+    train = [f"data.paths=[{REPO / 'jobs/data/tiny_corpus.txt'}]", "data.seq_len=32", "train.max_steps=6", "train.global_batch_size=8",
+             "train.micro_batch_size=8", "train.precision=fp32", "checkpoint.every_steps=6", "optim.warmup_steps=0",
+             f"run.storage_path={tmp_path / 'runs'}", "run.name=student", "run.progress_bar=false"]
+    spec = load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), [
+        f"model={tiny_model_dir}", "method=distill", "train_recipe=" + str(REPO / "jobs/recipes/tiny-cpu.yaml"),
+        f"train_set={json.dumps(train)}", "window=32", "eval_tokens=256", "speed_batches=[1]"])
+    s = compress_stage(spec, str(tmp_path / "student")).summary
+    assert s["n_layers"] == [teacher.cfg.n_layers, teacher.cfg.n_layers // 2] and s["training"]["steps"] == 6
+    student = load_bundle(s["out_dir"])
+    assert student.cfg.n_layers == teacher.cfg.n_layers // 2 and s["after"]["params"] < s["before"]["params"]
+    metrics = read_metrics(resolve_storage(str(tmp_path / "runs")).child("student"))
+    assert sorted(metrics) == list(range(1, 7)) and all(m["kl"] >= 0 for m in metrics.values())
+    assert metrics[6]["loss"] < metrics[1]["loss"]
+    assert 0 <= s["after"]["next_token_accuracy"] <= 1

@@ -12,8 +12,9 @@ from llm_ray.config.compress import UNSTRUCTURED
 from llm_ray.stage import StageResult, write_summary
 
 
-def compressed_folder(original, spec, out_dir: str) -> str:
-    """Write ``original`` (a loaded ModelBundle) compressed by ``spec.method`` into ``out_dir``."""
+def compressed_folder(original, spec, out_dir: str) -> tuple[str, dict]:
+    """Write ``original`` (a loaded ModelBundle) compressed by ``spec.method`` into ``out_dir``;
+    (the folder, what the method adds to the summary)."""
     from llm_ray.bundle import save_bundle
     from llm_ray.bundle.folder import TOKENIZER_CONFIG
 
@@ -27,14 +28,19 @@ def compressed_folder(original, spec, out_dir: str) -> str:
     if spec.method == "prune_ffn":
         provenance["compression"]["sparsity"] = spec.sparsity
         model, cfg = pruned_ffn(original, spec)
-        return save_bundle(model, cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config)
+        return save_bundle(model, cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config), {}
+    if spec.method == "distill":
+        from llm_ray.compress.distill import distilled_folder
+
+        folder, training = distilled_folder(original, spec, out_dir)
+        return folder, {"training": training}
     if spec.method in UNSTRUCTURED:
         model, shares = sparse_copy(original, spec)
         provenance["compression"].update(sparsity=spec.sparsity, n_m=spec.n_m or None, zeroed_share=shares)
-        return save_bundle(model, original.cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config)
+        return save_bundle(model, original.cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config), {}
     provenance["compression"]["group_size"] = spec.group_size
     return save_bundle(original.model, original.cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config,
-                       quantization={"scheme": spec.method, "group_size": spec.group_size})
+                       quantization={"scheme": spec.method, "group_size": spec.group_size}), {}
 
 
 def _calibration(original, spec):
@@ -96,7 +102,7 @@ def compress_stage(spec, out_dir: str) -> StageResult:
     if spec.method == "prune_ffn" and original.cfg.moe.enabled:
         raise RecipeError("method", "prune_ffn needs dense FFNs; this model has mixture-of-experts layers")
     before = measure(original, spec)
-    folder = compressed_folder(original, spec, out_dir)
+    folder, extra = compressed_folder(original, spec, out_dir)
     compressed = load_bundle(folder)
     after = measure(compressed, spec)
     meta = compressed.config.get("quantization", {})
@@ -106,6 +112,7 @@ def compress_stage(spec, out_dir: str) -> StageResult:
         "method": spec.method,
         "group_size": spec.group_size if spec.method == "int4" else None,
         "d_ff": [original.cfg.ffn_dim, compressed.cfg.ffn_dim],
+        "n_layers": [original.cfg.n_layers, compressed.cfg.n_layers],
         "sparsity": 1 - after["nonzeros"] / after["params"],
         "tensors_compressed": len(meta.get("tensors", [])),
         "eval_text": os.path.abspath(spec.eval_text),
@@ -115,6 +122,7 @@ def compress_stage(spec, out_dir: str) -> StageResult:
         # load_bundle dequantizes into float weights: the bytes fall on disk, not in memory or
         # in decode time (torchao's int8 kernels were measured slower than fp32 on these CPUs)
         "runtime": "dequantized to fp32 at load" if meta else "fp32",
+        **extra,
         "wall_s": round(time.time() - started, 2),
     }
     return write_summary(folder, summary)

@@ -17,18 +17,25 @@ from llm_ray.config.loader import check as _check
 # matrix), magnitude_global, wanda (|W|·‖X‖ per output row); any of them N:M with n_m
 QUANTIZE = ("int8", "int4", "bf16", "fp16")
 UNSTRUCTURED = ("magnitude", "magnitude_global", "wanda")
-METHODS = QUANTIZE + ("prune_ffn",) + UNSTRUCTURED
+METHODS = QUANTIZE + ("prune_ffn",) + UNSTRUCTURED + ("distill",)  # distill: a trained, shallower student
 
 
 @dataclass
 class CompressSpec:
     model: str = ""  # a model folder or a packaged name ("smollm2")
-    method: Literal["int8", "int4", "bf16", "fp16", "prune_ffn", "magnitude", "magnitude_global", "wanda"] = "int8"
+    method: Literal["int8", "int4", "bf16", "fp16", "prune_ffn", "magnitude", "magnitude_global", "wanda", "distill"] = "int8"
     group_size: int = 64  # int4: inputs per scale (a matrix whose width it does not divide stays float)
     sparsity: float = 0.5  # prune_ffn: share of each layer's FFN channels removed; unstructured: of weights
     n_m: list[int] = field(default_factory=list)  # unstructured: [2, 4] keeps 2 of every 4 inputs (sparsity ignored)
     calibration_text: str = ""  # prune_ffn, wanda: text whose activations score weights; "" = weights only
     calibration_tokens: int = 2048
+    # distill: a training recipe (data.paths, optim, train, parallel, run) and its --set overrides
+    train_recipe: str = ""
+    train_set: list[str] = field(default_factory=list)
+    student_layers: int = 0  # 0: half the teacher's
+    student_init: Literal["teacher_layers", "random"] = "teacher_layers"  # teacher_layers: every other one
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the soft-target term; 0 = the student on the text alone
     eval_text: str = ""  # held-out text file for perplexity before and after
     eval_tokens: int = 4096  # its first tokens scored
     window: int = 256  # perplexity window (stride = window / 2)
@@ -44,6 +51,11 @@ class CompressSpec:
             _check(len(self.n_m) == 2 and 0 < self.n_m[0] < self.n_m[1], "n_m", f"must be [N, M] with 0 < N < M, got {self.n_m}")
             _check(self.method in UNSTRUCTURED, "n_m", f"applies to {list(UNSTRUCTURED)}, not {self.method}")
         _check(self.method != "wanda" or bool(self.calibration_text), "calibration_text", "wanda needs calibration text")
+        if self.method == "distill":
+            _check(bool(self.train_recipe), "train_recipe", "distill needs a training recipe (data, optim, train, run)")
+        _check(self.student_layers >= 0, "student_layers", "must be >= 0 (0 = half the teacher's)")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         _check(self.calibration_tokens >= 2, "calibration_tokens", "must be >= 2")
         _check(bool(self.eval_text), "eval_text", "needs a held-out text file (perplexity before and after)")
         _check(self.eval_tokens >= 2, "eval_tokens", "must be >= 2")
@@ -53,7 +65,7 @@ class CompressSpec:
 
     def resolve_paths(self, base: str | Path) -> "CompressSpec":
         """Text paths relative to the spec file's folder when it does not exist as given."""
-        for key in ("eval_text", "calibration_text"):
+        for key in ("eval_text", "calibration_text", "train_recipe"):
             value = getattr(self, key)
             if value and not Path(value).exists() and (Path(base) / value).exists():
                 setattr(self, key, str(Path(base) / value))

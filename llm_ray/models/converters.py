@@ -51,6 +51,34 @@ class LoadWeights(ModelConverter):
 
 
 @dataclass
+class LayersFrom(LoadWeights):
+    """Initialise a shallower model from a deeper one's weights: everything outside the blocks
+    as it is, block i from the source's block ``layers[i]`` (DistilBERT: every other layer)."""
+
+    layers: list[int] = field(default_factory=list)
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        from safetensors.torch import load_file
+
+        source = load_file(self.path)
+        if len(self.layers) != len(model.layers):
+            raise ValueError(f"LayersFrom: {len(self.layers)} source layers for a model of {len(model.layers)}")
+        state = {}
+        for name in model.state_dict():
+            parts = name.split(".")
+            if parts[0] == "layers":
+                parts[1] = str(self.layers[int(parts[1])])
+            key = ".".join(parts)
+            if key in source:
+                state[name] = source[key]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        if [m for m in missing if m not in tied] or unexpected:
+            raise KeyError(f"LayersFrom {self.path}: missing {[m for m in missing if m not in tied][:5]}")
+        return model
+
+
+@dataclass
 class ClassifierHead(ModelConverter):
     """Wrap the language model in a ``SequenceClassifier``; ``num_labels: 1`` gives a
     ``RewardModel`` (scalar head)."""

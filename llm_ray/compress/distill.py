@@ -1,0 +1,87 @@
+"""Knowledge distillation on the engine: a student (fewer layers, initialised from every other
+teacher layer or at random) trained on text against a frozen teacher's soft targets.
+
+The teacher is a frozen model of the objective seam (``Objective.frozen_models``): each Ray
+Train worker builds it once, in eval mode, next to the student DeepSpeed trains. The loss is
+``models.losses.distillation_loss``: α·T²·KL(teacher ‖ student) + (1 − α)·CE; α = 0 is the same
+student trained on the text alone (the baseline distillation must beat).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from llm_ray.models.converters import ModelSpec
+from llm_ray.models.losses import distillation_loss
+from llm_ray.train.objective import Objective
+
+
+@dataclass
+class Distill(Objective):
+    teacher: ModelSpec
+    temperature: float = 2.0
+    alpha: float = 0.5
+    name = "distill"
+    batch_fields = ("input_ids", "labels")
+    frozen_forwards = 1  # the teacher's forward over the same rows
+
+    def frozen_models(self) -> dict[str, ModelSpec]:
+        return {"teacher": self.teacher}
+
+    def loss(self, engine, batch, frozen):
+        logits = engine(batch["input_ids"])  # (B, T, V)
+        if self.alpha > 0:
+            with torch.no_grad():
+                teacher = frozen["teacher"](batch["input_ids"])
+        else:  # the no-teacher baseline: the teacher's forward would be wasted
+            teacher = logits.detach()
+        loss, kl, ce = distillation_loss(logits, teacher, batch["labels"], self.temperature, self.alpha)
+        return loss, {"kl": kl.detach(), "ce": ce.detach()}
+
+
+def every_other_layer(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher blocks a student starts from, spread evenly (DistilBERT: 0, 2, 4, ...)."""
+    step = teacher_layers / student_layers
+    return [min(teacher_layers - 1, int(i * step)) for i in range(student_layers)]
+
+
+def distilled_folder(teacher, spec, out_dir: str) -> tuple[str, dict]:
+    """Train the student of ``spec`` against the loaded ``teacher`` bundle; (folder, training
+    figures). The run (checkpoints, metrics, TensorBoard) is ``spec.train_recipe``'s run."""
+    from llm_ray.bundle import TOKENIZER_CONFIG, WEIGHTS, save_bundle
+    from llm_ray.config import load_recipe
+    from llm_ray.models.converters import LayersFrom, LoadWeights
+    from llm_ray.storage import resolve_storage
+    from llm_ray.train import tuning
+    from llm_ray.train.launcher import prepare_source
+
+    weights = os.path.join(teacher.path, WEIGHTS)
+    recipe = load_recipe(spec.train_recipe, [f"data.tokenizer.path={teacher.path}/tokenizer.json",
+                                             "data.tokenizer.train_if_missing=false", *spec.train_set])
+    layers = spec.student_layers or max(1, teacher.cfg.n_layers // 2)
+    student_cfg = dataclasses.replace(teacher.cfg, n_layers=layers)
+    recipe = dataclasses.replace(recipe, model=student_cfg)  # the engine trains the student's shape
+    storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint)
+    run = storage.child(recipe.run.name)
+    tuned = tuning.TunedRun(recipe, teacher.path, teacher, storage, run, out_dir)
+    _, source = prepare_source(recipe, run)
+    init = [LayersFrom(weights, every_other_layer(teacher.cfg.n_layers, layers))] if spec.student_init == "teacher_layers" else []
+    student = ModelSpec.of(student_cfg, init, seed=recipe.train.seed)
+    objective = Distill(ModelSpec.of(teacher.cfg, [LoadWeights(weights)]), spec.temperature, spec.alpha)
+    summary = tuned.train(student, objective, source)
+    module, manifest, ckpt = tuning.trained_module(tuned, student)
+    tok_config = None
+    if os.path.exists(os.path.join(teacher.path, TOKENIZER_CONFIG)):
+        import json
+
+        with open(os.path.join(teacher.path, TOKENIZER_CONFIG)) as f:
+            tok_config = json.load(f)
+    provenance = {"teacher": teacher.path, "source_checkpoint": ckpt.uri, "step": manifest["train_state"]["step"],
+                  "distill": {"student_layers": layers, "student_init": spec.student_init, "temperature": spec.temperature,
+                              "alpha": spec.alpha}}
+    folder = save_bundle(student.finalize(module), student_cfg, teacher.tokenizer.to_str(), out_dir, provenance, tok_config)
+    return folder, tuning.training_figures(summary)
