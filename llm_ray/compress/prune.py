@@ -39,23 +39,8 @@ def ffn_channel_scores(model: torch.nn.Module, calibration: torch.Tensor | None 
             s = w * f.up.weight.float().norm(dim=1)
             out.append(s * f.gate.weight.float().norm(dim=1) if isinstance(f, SwiGLU) else s)
         return out
-    sums = [torch.zeros_like(w) for w in weight_norms]  # sum over tokens of h_j^2
-
-    def hook(i):
-        def pre(module, args):
-            h = args[0].float().reshape(-1, args[0].shape[-1])  # (tokens, d_ff)
-            sums[i] += (h * h).sum(0)
-        return pre
-
-    handles = [f.down.register_forward_pre_hook(hook(i)) for i, f in enumerate(ffns)]
-    try:
-        model.eval()
-        for i in range(0, len(calibration), batch):
-            model(calibration[i:i + batch])
-    finally:
-        for h in handles:
-            h.remove()
-    return [w * s.sqrt() for w, s in zip(weight_norms, sums)]
+    norms = input_norms(model, {i: f.down for i, f in enumerate(ffns)}, calibration, batch)  # ‖h_j‖ per channel
+    return [w * norms[i] for i, w in enumerate(weight_norms)]
 
 
 @torch.no_grad()
@@ -101,8 +86,9 @@ def layer_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 @torch.no_grad()
-def input_norms(model: torch.nn.Module, linears: dict, calibration: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
-    """‖X_j‖₂ over the calibration tokens of each linear's input feature j (one dense pass)."""
+def input_norms(model: torch.nn.Module, linears: dict, calibration: torch.Tensor, batch: int = 8) -> dict:
+    """‖X_j‖₂ over the calibration tokens (N, T) of each linear's input feature j, by the keys
+    of ``linears`` (one pass of the dense model, forward-pre hooks)."""
     sums = {name: torch.zeros(m.in_features) for name, m in linears.items()}
 
     def hook(name):

@@ -85,9 +85,8 @@ def ratios(before: dict, after: dict) -> dict:
 
 def compress_stage(spec, out_dir: str) -> StageResult:
     from llm_ray.bundle import load_bundle
-    from llm_ray.compress.measure import measure
-
     from llm_ray.bundle.folder import resolve_model_path
+    from llm_ray.compress.measure import measure
     from llm_ray.config import RecipeError
 
     started = time.time()
