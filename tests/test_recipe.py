@@ -24,9 +24,14 @@ def test_import_config_needs_no_torch_or_ray():
 def _loader(path: Path):
     """Each shipped YAML by its kind (file-name prefix): eval specs and serve configs are not
     training recipes but must validate just the same."""
+    from llm_ray.config.compress import CompressSpec, load_compress_spec, load_sweep_spec
     from llm_ray.config.eval import EvalSpec, load_eval_spec
     from llm_ray.config.serve import ServeConfig, load_serve_config
 
+    if path.name.startswith("compress-sweep-"):
+        return (lambda p: load_sweep_spec(p)[0]), CompressSpec  # every trial's spec is validated too
+    if path.name.startswith("compress-"):
+        return load_compress_spec, CompressSpec
     if path.name.startswith("eval-"):
         return load_eval_spec, EvalSpec
     if path.name.startswith("serve-"):
