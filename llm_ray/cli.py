@@ -313,10 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. align.ppo.estimator=ppo")
     b.add_argument("--iterations", type=int, default=6, help="iterations of the run (the first is left out)")
     b.set_defaults(func=cmd_bench_ppo)
+    from llm_ray.bench.compress import DEFAULT_METHODS as DEFAULT_COMPRESS_METHODS  # a list: no torch
+
     b = bsub.add_parser("compress", help="every compression method on one model and held-out text: bytes, perplexity, tokens/s vs the original")
     b.add_argument("text", help="held-out text file (perplexity)")
     b.add_argument("--model", default="smollm2", help="model folder or packaged name")
-    b.add_argument("--methods", default="", help="comma-separated; default int8,int4,bf16,prune_ffn,magnitude,wanda")
+    b.add_argument("--methods", default="", help="comma-separated; default " + ",".join(DEFAULT_COMPRESS_METHODS))
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="compress spec override, e.g. sparsity=0.25")
     b.set_defaults(func=cmd_bench_compress)
     b = bsub.add_parser("data", help="prepare throughput vs plain read + tokenize; data-wait share of step time")

@@ -103,6 +103,78 @@ def test_compress_prune_ffn_writes_a_smaller_folder_with_the_new_shape(tiny_mode
     assert s["after"]["perplexity"] > 0 and "tokens_per_s_b1_ratio" in s
 
 
+@pytest.mark.parametrize("unit", ["query", "group"])
+def test_pruned_heads_shrink_the_model_respect_gqa_groups_and_keep_the_rest_bit_identical(tiny_model_dir, unit):
+    """Half the heads go (one query head of each k/v group, or one whole group): q/o (and k/v)
+    lose exactly those heads' rows and columns, every other weight is the original's bit for bit,
+    and the pruned model computes what the original does with those heads' outputs off."""
+    import torch
+
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.heads import head_plan, head_scores, prune_heads
+    from llm_ray.compress.measure import parameter_counts
+    from llm_ray.compress.prune import calibration_ids
+
+    b = load_bundle(tiny_model_dir)
+    cfg, hd, d = b.cfg, b.cfg.head_dim, b.cfg.d_model
+    rep = cfg.n_heads // cfg.kv_heads
+    assert (cfg.n_heads, cfg.kv_heads) == (4, 2)
+    remove = head_plan(cfg, 0.5, unit)
+    scores = head_scores(b.model, cfg, calibration_ids(b.tokenizer, HELDOUT, 256, 32))
+    pruned, new_cfg, kept = prune_heads(b.model, cfg, remove, unit, scores)
+    assert (new_cfg.n_heads, new_cfg.kv_heads, new_cfg.head_dim) == ((2, 2) if unit == "query" else (2, 1)) + (hd,)
+    gone_kv = 0 if unit == "query" else 1
+    per_layer = 2 * 2 * hd * d + gone_kv * 2 * hd * d  # q rows + o columns of 2 heads (+ k/v rows of a group)
+    assert parameter_counts(b.model)["params"] - parameter_counts(pruned)["params"] == cfg.n_layers * per_layer
+    old, new = b.model.state_dict(), pruned.state_dict()
+    for name, t in new.items():
+        if ".attn." not in name or (unit == "query" and (".k_proj" in name or ".v_proj" in name)):
+            assert torch.equal(t, old[name]), name
+    for i, heads in enumerate(kept):
+        groups = sorted({h // rep for h in heads})
+        assert all(sum(h // rep == g for h in heads) == len(heads) // len(groups) for g in groups)  # groups stay whole
+        rows = torch.tensor([h * hd + j for h in heads for j in range(hd)])
+        assert torch.equal(pruned.layers[i].attn.q_proj.weight, b.model.layers[i].attn.q_proj.weight[rows])
+        removed = [h for h in range(cfg.n_heads) if h not in heads]
+        if unit == "query":  # within each group, the kept heads outscore the removed ones
+            assert all(scores[i][[h for h in heads if h // rep == g]].min() >= scores[i][[h for h in removed if h // rep == g]].max()
+                       for g in range(cfg.kv_heads))
+    masks = []
+    for heads in kept:
+        m = torch.zeros(cfg.n_heads * hd)
+        m[torch.tensor([h * hd + j for h in heads for j in range(hd)])] = 1
+        masks.append(m)
+    handles = [layer.attn.o_proj.register_forward_pre_hook(lambda mod, args, m=m: (args[0] * m,))
+               for layer, m in zip(b.model.layers, masks)]
+    ids = torch.randint(5, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        off = b.model(ids)
+        for h in handles:
+            h.remove()
+        assert torch.allclose(pruned(ids), off, atol=1e-5)
+
+
+def test_compress_prune_heads_writes_a_smaller_folder_and_refuses_what_the_shape_cannot_honour(tiny_model_dir, tmp_path):
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.stage import compress_stage
+    from llm_ray.config.compress import load_compress_spec
+
+    base = [f"model={tiny_model_dir}", "method=prune_heads", "sparsity=0.5", f"calibration_text={HELDOUT}",
+            "calibration_tokens=256", "window=32", "eval_tokens=256", "speed_batches=[1]"]
+    spec = load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), base + ["head_unit=group"])
+    s = compress_stage(spec, str(tmp_path / "pruned")).summary
+    assert s["n_heads"] == [4, 2] and s["n_kv_heads"] == [2, 1]
+    model = load_bundle(s["out_dir"])
+    assert (model.cfg.n_heads, model.cfg.kv_heads, model.cfg.d_head) == (2, 1, 64 // 4)
+    removed = s["before"]["params"] - s["after"]["params"]
+    assert removed > 0 and s["before"]["bytes"] - s["after"]["bytes"] >= 4 * removed
+    assert s["after"]["perplexity"] > 0 and "tokens_per_s_b1_ratio" in s
+    with pytest.raises(RecipeError) as e:  # 90% of 2 query heads per group is both of them
+        compress_stage(load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), base + ["sparsity=0.9"]),
+                       str(tmp_path / "none"))
+    assert e.value.key == "sparsity" and not (tmp_path / "none").exists()
+
+
 def test_unstructured_masks_follow_their_definitions():
     """magnitude: the smallest |W| of the matrix; wanda: the smallest |W_ij|·‖X_j‖ of each row;
     2:4: two of every four inputs kept."""
@@ -240,3 +312,36 @@ def test_distill_trains_a_half_depth_student_from_every_other_teacher_layer(ray_
     assert sorted(metrics) == list(range(1, 7)) and all(m["kl"] >= 0 for m in metrics.values())
     assert metrics[6]["loss"] < metrics[1]["loss"]
     assert 0 <= s["after"]["next_token_accuracy"] <= 1
+
+
+def test_qat_fine_tunes_the_fake_quantized_model_on_the_engine_and_stores_it_int4(ray_cluster, tiny_model_dir, tmp_path):
+    """``method: qat``: the model itself, fake-quantized (int4, groups of 32), trains on Ray
+    Train + DeepSpeed against its float original, and the folder stores the trained weights as
+    int4: it loads as the rounded model the training forward saw, not the float one."""
+    import torch
+
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.stage import compress_stage
+    from llm_ray.config.compress import load_compress_spec
+    from llm_ray.storage import resolve_storage
+    from llm_ray.train.metrics import read_metrics
+
+    train = [f"data.paths=[{REPO / 'jobs/data/tiny_corpus.txt'}]", "data.seq_len=32", "train.max_steps=4", "train.global_batch_size=8",
+             "train.micro_batch_size=8", "train.precision=fp32", "checkpoint.every_steps=4", "optim.warmup_steps=0", "optim.lr=3e-3",
+             f"run.storage_path={tmp_path / 'runs'}", "run.name=qat", "run.progress_bar=false"]
+    spec = load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), [
+        f"model={tiny_model_dir}", "method=qat", "qat_scheme=int4", "group_size=32", "alpha=1.0",
+        "train_recipe=" + str(REPO / "jobs/recipes/tiny-cpu.yaml"), f"train_set={json.dumps(train)}", "window=32",
+        "eval_tokens=256", "speed_batches=[1]"])
+    s = compress_stage(spec, str(tmp_path / "qat")).summary
+    assert s["training"]["steps"] == 4 and s["group_size"] == 32 and s["tensors_compressed"] > 0 and s["size_ratio"] > 3
+    folder = load_bundle(s["out_dir"])
+    assert folder.config["quantization"]["scheme"] == "int4" and folder.config["qat"]["alpha"] == 1.0
+    metrics = read_metrics(resolve_storage(str(tmp_path / "runs")).child("qat"))
+    assert sorted(metrics) == [1, 2, 3, 4] and metrics[1]["kl"] > 0  # the rounded model starts off its original
+    from llm_ray.models.quant import dequantize_state_dict, quantize_state_dict
+
+    ptq = dequantize_state_dict(quantize_state_dict(load_bundle(tiny_model_dir).model.state_dict(), "int4", 32)[0], "int4")
+    trained = folder.model.state_dict()
+    changed = [k for k in ptq if not torch.equal(trained[k], ptq[k])]
+    assert changed  # training moved the weights beyond their one-shot rounding

@@ -121,10 +121,11 @@ def _tiny_hf_checkpoint(kind: str, folder, tokenizer_paths):
         )
         model, tok_file, specials = transformers.GPT2LMHeadModel(config), tokenizer_paths["bpe"], {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
     elif kind == "llama":
-        # GQA 4/2, biases on, untied head, RoPE theta 1e5: the fields SmolLM2 does not exercise.
+        # GQA 4/2, biases on, untied head, RoPE theta 1e5, heads x head_dim (32) != hidden (64,
+        # as after head pruning): the fields SmolLM2 does not exercise.
         config = transformers.LlamaConfig(
             vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, attention_bias=True,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-6, attention_bias=True,
             mlp_bias=True, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e5},
         )
         model, tok_file, specials = transformers.LlamaForCausalLM(config), tokenizer_paths["bpe"], {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
@@ -164,8 +165,8 @@ def test_tiny_checkpoint_imports_with_equal_outputs_and_exports_back(kind, tmp_p
         return  # encoders are import-only
     ref = hf_model(input_ids=ids).logits
     assert (ref - bundle.model(ids)).abs().max().item() <= 1e-4
-    shape = (bundle.cfg.positions, bundle.cfg.gelu_approximate, bundle.cfg.tie_embeddings)
-    assert shape == {"gpt2": ("learned", "tanh", True), "llama": ("rope", "none", False)}[kind]
+    shape = (bundle.cfg.positions, bundle.cfg.gelu_approximate, bundle.cfg.tie_embeddings, bundle.cfg.d_head)
+    assert shape == {"gpt2": ("learned", "tanh", True, None), "llama": ("rope", "none", False, 8)}[kind]
 
     main(["export-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back")])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "back")

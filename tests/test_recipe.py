@@ -127,3 +127,22 @@ def test_deepspeed_config_is_generated_from_the_recipe():
     assert plain["optimizer"]["params"]["torch_adam"] is True
     assert not plain["bf16"]["enabled"]
     assert plain["scheduler"]["params"]["total_num_steps"] == 100
+
+
+def test_sweep_grid_expands_lists_into_trials_but_not_list_valued_fields():
+    """A list value is one trial per element; a list-valued field (n_m, train_set) is one value
+    unless given a list of lists; unknown keys in the grid are refused by position."""
+    from llm_ray.config.compress import SweepConfig
+
+    grid = [{"method": "int4", "group_size": [32, 64]}, {"method": "wanda", "n_m": [2, 4]},
+            {"method": "distill", "alpha": [0.0, 0.5], "train_set": ["train.max_steps=5"]},
+            {"method": "qat", "train_set": [["train.max_steps=5"], ["train.max_steps=9"]]}]
+    trials = SweepConfig(grid=grid).trials()
+    assert trials == [{"method": "int4", "group_size": 32}, {"method": "int4", "group_size": 64},
+                      {"method": "wanda", "n_m": [2, 4]},
+                      {"method": "distill", "alpha": 0.0, "train_set": ["train.max_steps=5"]},
+                      {"method": "distill", "alpha": 0.5, "train_set": ["train.max_steps=5"]},
+                      {"method": "qat", "train_set": ["train.max_steps=5"]}, {"method": "qat", "train_set": ["train.max_steps=9"]}]
+    with pytest.raises(RecipeError) as e:
+        SweepConfig(grid=[{"method": "int8"}, {"bits": 3}])
+    assert e.value.key == "grid.1"

@@ -4,9 +4,9 @@ the original measured in the same run (the named baseline: ``original``).
 
 What limits each (printed under the table): stored int8/int4/bf16 weights are dequantized at
 load, so they cut bytes on disk and in transfer but not memory or decode time (torchao's int8
-kernels were slower than fp32 on these CPUs); unstructured zeros cut neither bytes nor time
-without a sparse format or kernel; FFN channel pruning shrinks the matrices and so the forward,
-at a perplexity cost that calibration keeps moderate.
+kernels were slower than fp32 on these CPUs), except int8_dynamic, which runs int8 matmuls; unstructured zeros cut neither bytes nor time
+without a sparse format or kernel; FFN channel and attention-head pruning shrink the matrices
+and so the forward, at a perplexity cost that calibration keeps moderate.
 """
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ import json
 import sys
 import tempfile
 
-DEFAULT_METHODS = ["int8", "int4", "bf16", "prune_ffn", "magnitude", "wanda"]
+DEFAULT_METHODS = ["int8", "int8_dynamic", "int4", "bf16", "prune_ffn", "prune_heads", "magnitude", "wanda"]
+# a third of the query heads: one per GQA group of 2 to 4 (SmolLM2: 9 -> 6 heads)
+METHOD_SETTINGS = {"prune_heads": ["sparsity=0.34", "head_unit=query"]}
 LIMITS = {
     "int8": "dequantized at load: bytes fall, memory and speed do not",
+    "int8_dynamic": "the int8 folder on int8 matmuls (torch._int_mm): speed follows the kernel; activations rounded too",
     "int4": "as int8; 4 bits per weight cost more perplexity",
     "bf16": "cast back to fp32 at load (this CPU's bf16 matmul is slow)",
     "fp16": "cast back to fp32 at load",
     "prune_ffn": "smaller matrices: bytes and time fall; no fine-tuning after",
+    "prune_heads": "smaller q/o matrices; attention is a small share of the bytes; no fine-tuning after",
     "magnitude": "zeros in a dense file: neither bytes nor time fall",
     "magnitude_global": "zeros in a dense file: neither bytes nor time fall",
     "wanda": "zeros in a dense file: neither bytes nor time fall",
@@ -41,8 +45,9 @@ def bench_compress(text: str, model: str = "smollm2", methods: list[str] | None 
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         for method in methods:
             base = [f"model={model}", f"eval_text={text}", f"method={method}", "speed_batches=[1,16]"]
-            if method in ("prune_ffn", "wanda"):
+            if method in ("prune_ffn", "prune_heads", "wanda"):
                 base.append(f"calibration_text={calibration_text}")
+            base += METHOD_SETTINGS.get(method, [])
             spec = load_compress_spec(None, base + list(overrides or []))
             s = compress_stage(spec, f"{tmp}/{method}").summary
             baseline = baseline or s["before"]  # the original, measured in the first method's run

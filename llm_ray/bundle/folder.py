@@ -94,6 +94,10 @@ def load_bundle(name_or_path: str, device: str | torch.device = "cpu", dtype: Op
     model = build_model(cfg)
     if "quantization" in config:
         model.load_state_dict(_dequantized(os.path.join(path, WEIGHTS), config["quantization"], str(device)), strict=True)
+        if config["quantization"].get("activations") == "int8_dynamic":
+            from llm_ray.models.quant import apply_int8_dynamic
+
+            model = apply_int8_dynamic(model)  # the int8 matmul runs the forward (inference only)
     else:
         load_model(model, os.path.join(path, WEIGHTS), strict=True, device=str(device))
     if dtype is not None:
@@ -146,7 +150,10 @@ def _save_quantized(model: nn.Module, path: str, quantization: dict) -> dict:
     scheme, group = quantization["scheme"], int(quantization.get("group_size", 64))
     stored, names = quantize_state_dict(state, scheme, group)
     save_file(stored, path)
-    return {"scheme": scheme, "group_size": group, "tensors": names, "tied": tied}
+    meta = {"scheme": scheme, "group_size": group, "tensors": names, "tied": tied}
+    if quantization.get("activations"):
+        meta["activations"] = quantization["activations"]
+    return meta
 
 
 def save_bundle(
@@ -162,7 +169,8 @@ def save_bundle(
 
     ``tokenizer_json`` is the tokenizer file's text (``Tokenizer.to_str()``). ``quantization``
     (``{"scheme": "int8" | "int4", "group_size": 64}``) stores the matrices as integers with
-    their scales; ``load_bundle`` reads such a folder back as a float model.
+    their scales; ``load_bundle`` reads such a folder back as a float model, or, with
+    ``"activations": "int8_dynamic"`` (int8 only), with its linears running int8 matmuls.
     """
     import dataclasses
 

@@ -1,5 +1,7 @@
 """Knowledge distillation on the engine: a student (fewer layers, initialised from every other
-teacher layer or at random) trained on text against a frozen teacher's soft targets.
+teacher layer or at random) trained on text against a frozen teacher's soft targets; and
+quantization-aware training, the same loop with the fake-quantized model as the student of its
+own float original.
 
 The teacher is a frozen model of the objective seam (``Objective.frozen_models``): each Ray
 Train worker builds it once, in eval mode, next to the student DeepSpeed trains. The loss is
@@ -50,38 +52,68 @@ def every_other_layer(teacher_layers: int, student_layers: int) -> list[int]:
 
 
 def distilled_folder(teacher, spec, out_dir: str) -> tuple[str, dict]:
-    """Train the student of ``spec`` against the loaded ``teacher`` bundle; (folder, training
-    figures). The run (checkpoints, metrics, TensorBoard) is ``spec.train_recipe``'s run."""
-    from llm_ray.bundle import TOKENIZER_CONFIG, WEIGHTS, save_bundle
+    """Train the shallower student of ``spec`` against the loaded ``teacher`` bundle; (folder,
+    training figures)."""
+    from llm_ray.models.converters import LayersFrom
+
+    layers = spec.student_layers or max(1, teacher.cfg.n_layers // 2)
+    init = [LayersFrom(teacher_weights(teacher), every_other_layer(teacher.cfg.n_layers, layers))] if spec.student_init == "teacher_layers" else []
+    record = {"distill": {"student_layers": layers, "student_init": spec.student_init, "temperature": spec.temperature,
+                          "alpha": spec.alpha}}
+    return trained_against_teacher(teacher, spec, out_dir, dataclasses.replace(teacher.cfg, n_layers=layers), init, record)
+
+
+def qat_folder(teacher, spec, out_dir: str) -> tuple[str, dict]:
+    """Quantization-aware training: the model itself, fake-quantized as ``spec.qat_scheme``
+    will store it, fine-tuned against its own float original (soft targets with ``alpha`` = 1
+    keep it on the original's distribution, not the training text's), then stored quantized."""
+    from llm_ray.models.converters import FakeQuant, LoadWeights
+
+    init = [LoadWeights(teacher_weights(teacher)), FakeQuant(spec.qat_scheme, spec.group_size)]
+    record = {"qat": {"scheme": spec.qat_scheme, "group_size": spec.group_size, "temperature": spec.temperature, "alpha": spec.alpha}}
+    return trained_against_teacher(teacher, spec, out_dir, teacher.cfg, init, record,
+                                   quantization={"scheme": spec.qat_scheme, "group_size": spec.group_size})
+
+
+def teacher_weights(teacher) -> str:
+    from llm_ray.bundle import WEIGHTS
+    from llm_ray.config import RecipeError
+
+    if teacher.config.get("quantization"):
+        raise RecipeError("model", f"{teacher.path} is stored quantized: train from its float original")
+    return os.path.join(teacher.path, WEIGHTS)
+
+
+def trained_against_teacher(teacher, spec, out_dir: str, student_cfg, init: list, record: dict,
+                            quantization: dict | None = None) -> tuple[str, dict]:
+    """Train a student (``student_cfg`` built with the ``init`` converters) on the engine against
+    the frozen ``teacher`` with the ``Distill`` objective; write its folder. The run
+    (checkpoints, metrics, TensorBoard) is ``spec.train_recipe``'s run."""
+    import json
+
+    from llm_ray.bundle import TOKENIZER_CONFIG, save_bundle
     from llm_ray.config import load_recipe
-    from llm_ray.models.converters import LayersFrom, LoadWeights
+    from llm_ray.models.converters import LoadWeights
     from llm_ray.storage import resolve_storage
     from llm_ray.train import tuning
     from llm_ray.train.launcher import prepare_source
 
-    weights = os.path.join(teacher.path, WEIGHTS)
     recipe = load_recipe(spec.train_recipe, [f"data.tokenizer.path={teacher.path}/tokenizer.json",
                                              "data.tokenizer.train_if_missing=false", *spec.train_set])
-    layers = spec.student_layers or max(1, teacher.cfg.n_layers // 2)
-    student_cfg = dataclasses.replace(teacher.cfg, n_layers=layers)
     recipe = dataclasses.replace(recipe, model=student_cfg)  # the engine trains the student's shape
     storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint)
     run = storage.child(recipe.run.name)
     tuned = tuning.TunedRun(recipe, teacher.path, teacher, storage, run, out_dir)
     _, source = prepare_source(recipe, run)
-    init = [LayersFrom(weights, every_other_layer(teacher.cfg.n_layers, layers))] if spec.student_init == "teacher_layers" else []
     student = ModelSpec.of(student_cfg, init, seed=recipe.train.seed)
-    objective = Distill(ModelSpec.of(teacher.cfg, [LoadWeights(weights)]), spec.temperature, spec.alpha)
+    objective = Distill(ModelSpec.of(teacher.cfg, [LoadWeights(teacher_weights(teacher))]), spec.temperature, spec.alpha)
     summary = tuned.train(student, objective, source)
     module, manifest, ckpt = tuning.trained_module(tuned, student)
     tok_config = None
     if os.path.exists(os.path.join(teacher.path, TOKENIZER_CONFIG)):
-        import json
-
         with open(os.path.join(teacher.path, TOKENIZER_CONFIG)) as f:
             tok_config = json.load(f)
-    provenance = {"teacher": teacher.path, "source_checkpoint": ckpt.uri, "step": manifest["train_state"]["step"],
-                  "distill": {"student_layers": layers, "student_init": spec.student_init, "temperature": spec.temperature,
-                              "alpha": spec.alpha}}
-    folder = save_bundle(student.finalize(module), student_cfg, teacher.tokenizer.to_str(), out_dir, provenance, tok_config)
+    provenance = {"teacher": teacher.path, "source_checkpoint": ckpt.uri, "step": manifest["train_state"]["step"], **record}
+    folder = save_bundle(student.finalize(module), student_cfg, teacher.tokenizer.to_str(), out_dir, provenance, tok_config,
+                         quantization=quantization)
     return folder, tuning.training_figures(summary)

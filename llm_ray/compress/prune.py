@@ -46,25 +46,29 @@ def ffn_channel_scores(model: torch.nn.Module, calibration: torch.Tensor | None 
 @torch.no_grad()
 def prune_ffn_channels(model: torch.nn.Module, cfg, keep: int, scores: list[torch.Tensor]):
     """(the pruned model, its config with ``d_ff = keep``, the kept channel ids per layer)."""
-    from llm_ray.models import build_model
-
     if not 1 <= keep <= cfg.ffn_dim:
         raise ValueError(f"keep {keep} channels of {cfg.ffn_dim}")
     new_cfg = dataclasses.replace(cfg, d_ff=keep)
-    pruned = build_model(new_cfg)
     kept = [s.topk(keep).indices.sort().values for s in scores]  # the best, in their order
-    state = model.state_dict()
-    new_state = {}
-    for name, t in pruned.state_dict().items():
-        src = state[name]
-        if src.shape == t.shape:
-            new_state[name] = src
-            continue
+
+    def cut(name, src):
         layer, part = int(name.split(".")[1]), name.rsplit(".", 2)[-2]  # layers.<i>.ffn.<part>.weight|bias
-        idx = kept[layer]
-        new_state[name] = src[:, idx] if part == "down" and name.endswith("weight") else src[idx]
+        return src[:, kept[layer]] if part == "down" and name.endswith("weight") else src[kept[layer]]
+
+    return sliced_copy(model, new_cfg, cut), new_cfg, kept
+
+
+def sliced_copy(model: torch.nn.Module, new_cfg, cut) -> torch.nn.Module:
+    """A model of the smaller ``new_cfg`` holding ``model``'s weights: tensors whose shape did
+    not change as they are, the others as ``cut(name, tensor)`` returns them (strict load)."""
+    from llm_ray.models import build_model
+
+    pruned = build_model(new_cfg)
+    state = model.state_dict()
+    new_state = {name: state[name] if state[name].shape == t.shape else cut(name, state[name])
+                 for name, t in pruned.state_dict().items()}
     pruned.load_state_dict(new_state, strict=True)
-    return pruned.eval(), new_cfg, kept
+    return pruned.eval()
 
 
 def calibration_ids(tokenizer, path: str, n_tokens: int, seq_len: int) -> torch.Tensor:

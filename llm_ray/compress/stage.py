@@ -29,18 +29,25 @@ def compressed_folder(original, spec, out_dir: str) -> tuple[str, dict]:
         provenance["compression"]["sparsity"] = spec.sparsity
         model, cfg = pruned_ffn(original, spec)
         return save_bundle(model, cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config), {}
-    if spec.method == "distill":
-        from llm_ray.compress.distill import distilled_folder
+    if spec.method == "prune_heads":
+        provenance["compression"].update(sparsity=spec.sparsity, head_unit=spec.head_unit)
+        model, cfg = pruned_heads(original, spec)
+        return save_bundle(model, cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config), {}
+    if spec.method in ("distill", "qat"):
+        from llm_ray.compress.distill import distilled_folder, qat_folder
 
-        folder, training = distilled_folder(original, spec, out_dir)
+        folder, training = (distilled_folder if spec.method == "distill" else qat_folder)(original, spec, out_dir)
         return folder, {"training": training}
     if spec.method in UNSTRUCTURED:
         model, shares = sparse_copy(original, spec)
         provenance["compression"].update(sparsity=spec.sparsity, n_m=spec.n_m or None, zeroed_share=shares)
         return save_bundle(model, original.cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config), {}
     provenance["compression"]["group_size"] = spec.group_size
+    quantization = {"scheme": spec.method, "group_size": spec.group_size}
+    if spec.method == "int8_dynamic":  # the int8 folder; its loader quantizes activations too
+        quantization = {"scheme": "int8", "group_size": spec.group_size, "activations": "int8_dynamic"}
     return save_bundle(original.model, original.cfg, original.tokenizer.to_str(), out_dir, provenance, tok_config,
-                       quantization={"scheme": spec.method, "group_size": spec.group_size}), {}
+                       quantization=quantization), {}
 
 
 def _calibration(original, spec):
@@ -74,6 +81,22 @@ def pruned_ffn(original, spec):
     return model, cfg
 
 
+def pruned_heads(original, spec):
+    """(model, config) with ``spec.sparsity`` of every layer's heads (or k/v groups) removed."""
+    from llm_ray.compress.heads import head_plan, head_scores, prune_heads
+
+    remove = head_plan(original.cfg, spec.sparsity, spec.head_unit)  # checked in compress_stage
+    scores = head_scores(original.model, original.cfg, _calibration(original, spec))
+    model, cfg, _ = prune_heads(original.model, original.cfg, remove, spec.head_unit, scores)
+    return model, cfg
+
+
+def runtime_of(meta: dict) -> str:
+    if meta.get("activations") == "int8_dynamic":
+        return "int8 weights and per-token int8 activations: int8 matmuls"
+    return "dequantized to fp32 at load" if meta else "fp32"
+
+
 def ratios(before: dict, after: dict) -> dict:
     """Same-run ratios: how many times smaller, perplexity and speed after over before."""
     out = {"size_ratio": before["bytes"] / after["bytes"], "perplexity_ratio": after["perplexity"] / before["perplexity"]}
@@ -100,6 +123,13 @@ def compress_stage(spec, out_dir: str) -> StageResult:
     original = load_bundle(spec.model)
     if spec.method == "prune_ffn" and original.cfg.moe.enabled:
         raise RecipeError("method", "prune_ffn needs dense FFNs; this model has mixture-of-experts layers")
+    if spec.method == "prune_heads":
+        from llm_ray.compress.heads import head_plan
+
+        try:
+            head_plan(original.cfg, spec.sparsity, spec.head_unit)
+        except ValueError as e:
+            raise RecipeError("sparsity", str(e)) from None
     before = measure(original, spec)
     folder, extra = compressed_folder(original, spec, out_dir)
     compressed = load_bundle(folder)
@@ -109,18 +139,21 @@ def compress_stage(spec, out_dir: str) -> StageResult:
         "out_dir": folder,
         "model": original.path,
         "method": spec.method,
-        "group_size": spec.group_size if spec.method == "int4" else None,
+        "group_size": spec.group_size if spec.method == "int4" or (spec.method, spec.qat_scheme) == ("qat", "int4") else None,
         "d_ff": [original.cfg.ffn_dim, compressed.cfg.ffn_dim],
         "n_layers": [original.cfg.n_layers, compressed.cfg.n_layers],
+        "n_heads": [original.cfg.n_heads, compressed.cfg.n_heads],
+        "n_kv_heads": [original.cfg.kv_heads, compressed.cfg.kv_heads],
         "sparsity": 1 - after["nonzeros"] / after["params"],
         "tensors_compressed": len(meta.get("tensors", [])),
         "eval_text": os.path.abspath(spec.eval_text),
         "before": before,
         "after": after,
         **ratios(before, after),
-        # load_bundle dequantizes into float weights: the bytes fall on disk, not in memory or
-        # in decode time (torchao's int8 kernels were measured slower than fp32 on these CPUs)
-        "runtime": "dequantized to fp32 at load" if meta else "fp32",
+        # load_bundle dequantizes into float weights (the bytes fall on disk, not in memory or
+        # in decode time: torchao's int8 kernels were measured slower than fp32 on these CPUs),
+        # except int8_dynamic, whose linears run int8 matmuls (torch._int_mm)
+        "runtime": runtime_of(meta),
         **extra,
         "wall_s": round(time.time() - started, 2),
     }

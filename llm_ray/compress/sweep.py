@@ -2,7 +2,9 @@
 hyperparameters, and the size / quality Pareto front of its trials.
 
 Each trial is ``compress_stage`` on one spec (its model folder in the trial's folder) and
-reports held-out perplexity, bytes and tokens/s to Tune. One-shot methods have nothing for an
+reports held-out perplexity, bytes and tokens/s to Tune. Trials that train (distill, qat)
+build their ``TorchTrainer`` inside the trial function, as Ray 2.x expects of Tune over Train,
+with the engine run (checkpoints, metrics) in the trial's folder. One-shot methods have nothing for an
 early-stopping scheduler to stop, so the search is a grid with Tune's default FIFO scheduler.
 The experiment folder (``storage_path/name``) holds Tune's state and logs (progress.csv,
 result.json, TensorBoard events: what the Tune dashboard reads); running the same command
@@ -17,7 +19,7 @@ import time
 
 from llm_ray.stage import StageResult, write_summary
 
-REPORTED = ("perplexity", "bytes", "params", "nonzeros", "tokens_per_s_b1", "tokens_per_s_b16")
+REPORTED = ("perplexity", "next_token_accuracy", "bytes", "params", "nonzeros", "tokens_per_s_b1", "tokens_per_s_b16")
 
 
 def compress_trial(config: dict) -> None:
@@ -28,8 +30,14 @@ def compress_trial(config: dict) -> None:
     from llm_ray.config import from_dict
     from llm_ray.config.compress import CompressSpec
 
+    # Relative paths (the spec's, a training recipe's data and run folder) mean what they meant
+    # where the command ran: Tune starts each trial in its own folder.
+    os.chdir(config["cwd"])
+    trial_dir = tune.get_context().get_trial_dir()
     spec = from_dict(CompressSpec, {**config["base"], **config["trial"]})
-    out = os.path.join(tune.get_context().get_trial_dir(), "model")
+    if spec.method in ("distill", "qat"):  # a trial that trains keeps its engine run in its own folder
+        spec.train_set = [*spec.train_set, f"run.storage_path={trial_dir}", "run.name=train"]
+    out = os.path.join(trial_dir, "model")
     s = compress_stage(spec, out).summary
     tune.report({**{k: v for k, v in s["after"].items() if k in REPORTED},
                  **{k: v for k, v in s.items() if k.endswith("_ratio")}, "model_dir": out})
@@ -95,7 +103,7 @@ def sweep_stage(spec, sweep) -> StageResult:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": spec.to_dict(), "trial": tune.grid_search(sweep.trials())},
+            param_space={"base": spec.to_dict(), "trial": tune.grid_search(sweep.trials()), "cwd": os.getcwd()},
             tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
             run_config=tune.RunConfig(storage_path=storage, name=sweep.name),
         )

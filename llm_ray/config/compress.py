@@ -12,24 +12,29 @@ from llm_ray.config.loader import apply_overrides, from_dict, load_yaml
 from llm_ray.config.loader import check as _check
 
 # stored-weight methods: int8 (per row), int4 (per group of group_size), bf16 / fp16 (casts);
-# structured: prune_ffn (a share of every layer's FFN channels removed: smaller matrices)
+# int8_dynamic: the int8 folder run with int8 activations too (int8 matmuls at load);
+# structured (smaller matrices): prune_ffn (a share of every layer's FFN channels removed),
+# prune_heads (attention heads: query heads inside each GQA group, or whole groups)
 # unstructured (zeros in place, non-zeros fall, the dense file does not): magnitude (per
 # matrix), magnitude_global, wanda (|W|·‖X‖ per output row); any of them N:M with n_m
-QUANTIZE = ("int8", "int4", "bf16", "fp16")
+QUANTIZE = ("int8", "int8_dynamic", "int4", "bf16", "fp16")
 UNSTRUCTURED = ("magnitude", "magnitude_global", "wanda")
-METHODS = QUANTIZE + ("prune_ffn",) + UNSTRUCTURED + ("distill",)  # distill: a trained, shallower student
+# trained on the engine: distill (a shallower student), qat (fake-quantized fine-tune, stored quantized)
+METHODS = QUANTIZE + ("prune_ffn", "prune_heads") + UNSTRUCTURED + ("distill", "qat")
 
 
 @dataclass
 class CompressSpec:
     model: str = ""  # a model folder or a packaged name ("smollm2")
-    method: Literal["int8", "int4", "bf16", "fp16", "prune_ffn", "magnitude", "magnitude_global", "wanda", "distill"] = "int8"
+    method: Literal["int8", "int8_dynamic", "int4", "bf16", "fp16", "prune_ffn", "prune_heads", "magnitude", "magnitude_global", "wanda", "distill", "qat"] = "int8"
     group_size: int = 64  # int4: inputs per scale (a matrix whose width it does not divide stays float)
-    sparsity: float = 0.5  # prune_ffn: share of each layer's FFN channels removed; unstructured: of weights
+    sparsity: float = 0.5  # prune_ffn: share of each layer's FFN channels removed; prune_heads: of heads; unstructured: of weights
+    head_unit: Literal["query", "group"] = "query"  # prune_heads: query heads within each k/v group, or whole groups
     n_m: list[int] = field(default_factory=list)  # unstructured: [2, 4] keeps 2 of every 4 inputs (sparsity ignored)
-    calibration_text: str = ""  # prune_ffn, wanda: text whose activations score weights; "" = weights only
+    calibration_text: str = ""  # prune_ffn, prune_heads, wanda: text whose activations score weights; "" = weights only
     calibration_tokens: int = 2048
-    # distill: a training recipe (data.paths, optim, train, parallel, run) and its --set overrides
+    qat_scheme: Literal["int8", "int4"] = "int4"  # qat: how the folder stores the weights (int4: group_size)
+    # distill, qat: a training recipe (data.paths, optim, train, parallel, run) and its --set overrides
     train_recipe: str = ""
     train_set: list[str] = field(default_factory=list)
     student_layers: int = 0  # 0: half the teacher's
@@ -51,8 +56,8 @@ class CompressSpec:
             _check(len(self.n_m) == 2 and 0 < self.n_m[0] < self.n_m[1], "n_m", f"must be [N, M] with 0 < N < M, got {self.n_m}")
             _check(self.method in UNSTRUCTURED, "n_m", f"applies to {list(UNSTRUCTURED)}, not {self.method}")
         _check(self.method != "wanda" or bool(self.calibration_text), "calibration_text", "wanda needs calibration text")
-        if self.method == "distill":
-            _check(bool(self.train_recipe), "train_recipe", "distill needs a training recipe (data, optim, train, run)")
+        if self.method in ("distill", "qat"):
+            _check(bool(self.train_recipe), "train_recipe", f"{self.method} needs a training recipe (data, optim, train, run)")
         _check(self.student_layers >= 0, "student_layers", "must be >= 0 (0 = half the teacher's)")
         _check(self.temperature > 0, "temperature", "must be > 0")
         _check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
@@ -81,7 +86,9 @@ class SweepConfig:
 
     ``grid`` is a list of override mappings, each a family of trials: a list value expands into
     one trial per element (``{method: int4, group_size: [32, 64]}`` is two trials), so methods
-    with different hyperparameters share one experiment without meaningless combinations."""
+    with different hyperparameters share one experiment without meaningless combinations. A
+    list-valued field (``n_m``, ``speed_batches``, ``train_set``) expands only from a list of
+    lists."""
 
     name: str = "compress-sweep"
     storage_path: str = "runs"  # the experiment folder is storage_path/name (what Tune restores)
@@ -108,9 +115,18 @@ class SweepConfig:
         out = []
         for entry in self.grid:
             keys = list(entry)
-            values = [v if isinstance(v, list) and k != "speed_batches" and k != "n_m" else [v] for k, v in entry.items()]
+            values = [v if _expands(k, v) else [v] for k, v in entry.items()]
             out += [dict(zip(keys, combo)) for combo in itertools.product(*values)]
         return out
+
+
+LIST_FIELDS = ("n_m", "speed_batches", "train_set")  # list-valued: a list of lists is one trial per list
+
+
+def _expands(key: str, value: Any) -> bool:
+    if key in LIST_FIELDS:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, list) for v in value)
+    return isinstance(value, list)
 
 
 def load_compress_spec(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> CompressSpec:

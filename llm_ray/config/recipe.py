@@ -59,6 +59,8 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None: = n_heads (MHA); 1: MQA; between: GQA
+    # None: d_model / n_heads; set where heads x head size != d_model (heads pruned, some imports)
+    d_head: Optional[int] = None
     d_ff: Optional[int] = None  # None: 4*d (gelu) or ~8/3*d rounded to 32 (swiglu)
     max_seq_len: int = 256
     positions: Literal["rope", "learned", "sinusoidal"] = "rope"
@@ -78,7 +80,8 @@ class ModelConfig:
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         _check(self.vocab_size >= 0, "vocab_size", "must be >= 0 (0 = from the tokenizer)")
-        _check(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model ({self.d_model})")
+        _check(self.d_head is None or self.d_head >= 1, "d_head", "must be >= 1")
+        _check(self.d_head is not None or self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model ({self.d_model})")
         if self.n_kv_heads is not None:
             _check(
                 1 <= self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
@@ -93,7 +96,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:

@@ -66,8 +66,7 @@ def rope_theta(hf_config) -> float:
 def llama_config(c) -> ModelConfig:
     d, heads = c.hidden_size, c.num_attention_heads
     _require(c.hidden_act == "silu", "hidden_act", f"{c.hidden_act!r}: llama import supports 'silu' (SwiGLU) only")
-    head_dim = _get(c, "head_dim") or d // heads
-    _require(head_dim * heads == d, "head_dim", f"{head_dim} x {heads} heads != hidden_size {d} (not supported)")
+    head_dim = _get(c, "head_dim") or d // heads  # heads x head_dim may differ from d (pruned heads)
     attn_bias, mlp_bias = bool(_get(c, "attention_bias", False)), bool(_get(c, "mlp_bias", False))
     _require(attn_bias == mlp_bias, "attention_bias", f"{attn_bias} with mlp_bias {mlp_bias}: our bias is one flag")
     _require((_get(c, "pretraining_tp") or 1) == 1, "pretraining_tp", "must be 1")
@@ -78,6 +77,7 @@ def llama_config(c) -> ModelConfig:
         n_layers=c.num_hidden_layers,
         n_heads=heads,
         n_kv_heads=_get(c, "num_key_value_heads") or heads,
+        d_head=None if head_dim * heads == d else head_dim,
         d_ff=c.intermediate_size,
         max_seq_len=c.max_position_embeddings,
         positions="rope",

@@ -42,6 +42,7 @@ def hf_layout(cfg: ModelConfig) -> str:
     _require(cfg.ffn == "gelu", "model.ffn", f"{cfg.ffn!r}: learned-position decoders export as GPT-2 (gelu)")
     _require(cfg.bias, "model.bias", "false: GPT-2 has biases in every linear and norm")
     _require(cfg.kv_heads == cfg.n_heads, "model.n_kv_heads", "GPT-2 has no grouped k/v heads (needs n_kv_heads = n_heads)")
+    _require(cfg.n_heads * cfg.head_dim == cfg.d_model, "model.d_head", "GPT-2 needs n_heads x head size = d_model (heads pruned?)")
     return "gpt2"
 
 

@@ -64,19 +64,21 @@ def active_params(model: nn.Module) -> float:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM paper appendix B:
 
-        6 * N_active + 6 * d_model * vocab_size + 12 * n_layers * d_model * seq_len
+        6 * N_active + 6 * d_model * vocab_size + 12 * n_layers * n_heads * head_dim * seq_len
 
     - 6 * N: 2 FLOPs per multiply-add per parameter forward, twice that backward;
       N_active = non-embedding parameters with only top_k/E of each MoE layer's experts.
     - 6 * d * V: the LM head matmul, counted even when tied to the embedding (an embedding
       lookup is free, the head's matmul is not).
-    - 12 * L * d * T: attention scores and the weighted sum of values (QK^T and AV), which
+    - 12 * L * H * hd * T: attention scores and the weighted sum of values (QK^T and AV), which
       depend on the sequence length and have no parameters; the causal mask is not discounted.
+      H * hd = d unless heads were pruned.
     """
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = build_model(cfg)
     n_active = active_params(model)
-    return 6.0 * n_active + 6.0 * cfg.d_model * cfg.vocab_size + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+    attn_width = cfg.n_heads * cfg.head_dim
+    return 6.0 * n_active + 6.0 * cfg.d_model * cfg.vocab_size + 12.0 * cfg.n_layers * attn_width * seq_len
 
 
 __all__ = [

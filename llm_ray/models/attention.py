@@ -54,13 +54,13 @@ class Attention(nn.Module):
         self.kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
-        d, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         # Separate q/k/v projections: k and v are narrower under GQA, and checkpoints in the
         # Llama/HF layout load without splitting a fused matrix.
-        self.q_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.q_proj = nn.Linear(d, q_dim, bias=cfg.bias)
         self.k_proj = nn.Linear(d, kv_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(d, kv_dim, bias=cfg.bias)
-        self.o_proj = mark_residual(nn.Linear(d, d, bias=cfg.bias))
+        self.o_proj = mark_residual(nn.Linear(q_dim, d, bias=cfg.bias))
 
     def forward(
         self,
@@ -115,7 +115,7 @@ class Attention(nn.Module):
         else:
             mask = attention_mask_4d(padding_mask, T, S, self.causal, x.device)  # (B|1, 1, T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd): d unless heads were pruned
         return self.o_proj(y)
 
     def _decode_one_gqa(self, q, k, v, padding_mask, S: int) -> torch.Tensor:

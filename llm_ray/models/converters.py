@@ -2,11 +2,10 @@
 
 Pattern: torchtitan's ``ModelConverter`` — ``convert(model)`` once the model is built, and a
 transform when the trained model is written (``finalize``, run in reverse order). Loading
-initial weights, freezing, LoRA and task heads are converters; pruning masks and fake
-quantisation are meant to be next (convert attaches the mask or observer, finalize bakes the
-sparse or integer weights). A ``ModelSpec`` is the whole recipe of a model: its config and its
-converters, picklable, so every Ray Train worker and every frozen copy builds the same module.
-Pure torch: no Ray, DeepSpeed or file formats beyond safetensors.
+initial weights, freezing, LoRA, task heads and fake quantisation (QAT) are converters. A
+``ModelSpec`` is the whole recipe of a model: its config and its converters, picklable, so
+every Ray Train worker and every frozen copy builds the same module. Pure torch: no Ray,
+DeepSpeed or file formats beyond safetensors.
 """
 
 from __future__ import annotations
@@ -162,6 +161,53 @@ class LoRA(ModelConverter):
         from llm_ray.models.lora import merge_lora
 
         return merge_lora(model)
+
+
+class FakeQuantLinear(nn.Linear):
+    """A linear whose forward sees its weight as stored quantized (``FakeQuant``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from llm_ray.models.quant import fake_quantize
+
+        return nn.functional.linear(x, fake_quantize(self.weight, *self.fake_quant), self.bias)
+
+
+class FakeQuantEmbedding(nn.Embedding):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from llm_ray.models.quant import fake_quantize
+
+        return nn.functional.embedding(ids, fake_quantize(self.weight, *self.fake_quant), self.padding_idx)
+
+
+@dataclass
+class FakeQuant(ModelConverter):
+    """Quantization-aware training: every matrix the folder will store quantized (``scheme``,
+    ``group_size``: ``models.quant.quantizable``) is used fake-quantized in the forward, with a
+    straight-through gradient, so training adapts the float weights to their rounding.
+
+    The modules' classes are swapped in place (``FakeQuantLinear``), not wrapped: parameter
+    names, a tied embedding and DeepSpeed's checkpoints stay as they are. ``finalize`` swaps
+    them back; the model is then saved with ``quantization={"scheme": scheme, ...}``, which
+    rounds exactly as the forward did."""
+
+    scheme: str = "int4"
+    group_size: int = 64
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        from llm_ray.models.quant import quantizable
+
+        for name, m in backbone_of(model).named_modules():
+            swap = {nn.Linear: FakeQuantLinear, nn.Embedding: FakeQuantEmbedding}.get(type(m))
+            if swap and quantizable(name, m.weight, self.scheme, self.group_size):
+                m.__class__, m.fake_quant = swap, (self.scheme, self.group_size)
+        return model
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        for m in model.modules():
+            if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)):
+                m.__class__ = nn.Linear if isinstance(m, FakeQuantLinear) else nn.Embedding
+                del m.fake_quant
+        return model
 
 
 @dataclass
