@@ -203,7 +203,8 @@ def cmd_serve(args) -> None:
 def cmd_bench_serve(args) -> None:
     from llm_ray.bench.serve import bench_serve
 
-    bench_serve(args.recipe, args.set, clients=args.clients, max_tokens=args.max_tokens, rounds=args.rounds, workloads=args.workloads)
+    bench_serve(args.recipe, args.set, clients=args.clients, max_tokens=args.max_tokens, rounds=args.rounds, workloads=args.workloads,
+                original=args.original)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request, the mean for 'mixed' (eos ignored)")
     b.add_argument("--rounds", type=int, default=4, help="requests per client: N clients share a queue of N*rounds requests")
     b.add_argument("--workloads", default="uniform,mixed", help="uniform (all max-tokens long), and any of mixed (lengths drawn around max-tokens), shared_prefix (one long shared prefix + short question; engine with prefix cache on vs off)")
+    b.add_argument("--original", default="", help="the model a compressed serve.model came from: its in-process engine on the same requests, for same-run ratios")
     b.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("serve", help="OpenAI-compatible endpoint on Ray Serve (continuous batching); blocks")

@@ -285,6 +285,32 @@ def test_sweep_writes_the_pareto_front_and_restores_without_rerunning_finished_t
 
 
 @pytest.mark.slow
+def test_distill_objective_is_zero_for_the_teacher_itself_and_adds_the_hidden_cosine_term(tiny_model_dir):
+    """On the teacher's own copy the soft-target KL and the hidden cosine term are 0 and the
+    loss is (1 - alpha) CE; a different student gets both terms > 0, weighted as the recipe says."""
+    import torch
+
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.distill import Distill
+    from llm_ray.models.losses import token_cross_entropy
+
+    teacher = load_bundle(tiny_model_dir).model
+    ids = torch.randint(5, 200, (2, 16))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    objective = Distill(teacher=None, temperature=2.0, alpha=0.5, hidden_cosine=0.25)
+    with torch.no_grad():
+        loss, m = objective.loss(teacher, {"input_ids": ids, "labels": labels}, {"teacher": teacher})
+        ce = token_cross_entropy(teacher(ids), labels)
+        assert abs(float(m["kl"])) < 1e-5 and abs(float(m["hidden_cos"])) < 1e-5
+        assert torch.allclose(loss, 0.5 * ce, atol=1e-5)
+        other = load_bundle(tiny_model_dir).model
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        loss, m = objective.loss(other, {"input_ids": ids, "labels": labels}, {"teacher": teacher})
+        assert float(m["kl"]) > 0 and float(m["hidden_cos"]) > 0
+        assert torch.allclose(loss, 0.5 * m["kl"] + 0.5 * m["ce"] + 0.25 * m["hidden_cos"], atol=1e-5)
+
+
 def test_distill_trains_a_half_depth_student_from_every_other_teacher_layer(ray_cluster, tiny_model_dir, tmp_path):
     """The wiring of ``method: distill`` on the engine (Ray Train + DeepSpeed): the student has
     half the teacher's layers, starts from teacher layers 0, 2, ..., trains against the frozen
@@ -302,14 +328,14 @@ def test_distill_trains_a_half_depth_student_from_every_other_teacher_layer(ray_
              "train.micro_batch_size=8", "train.precision=fp32", "checkpoint.every_steps=6", "optim.warmup_steps=0",
              f"run.storage_path={tmp_path / 'runs'}", "run.name=student", "run.progress_bar=false"]
     spec = load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), [
-        f"model={tiny_model_dir}", "method=distill", "train_recipe=" + str(REPO / "jobs/recipes/tiny-cpu.yaml"),
+        f"model={tiny_model_dir}", "method=distill", "hidden_cosine=0.5", "train_recipe=" + str(REPO / "jobs/recipes/tiny-cpu.yaml"),
         f"train_set={json.dumps(train)}", "window=32", "eval_tokens=256", "speed_batches=[1]"])
     s = compress_stage(spec, str(tmp_path / "student")).summary
     assert s["n_layers"] == [teacher.cfg.n_layers, teacher.cfg.n_layers // 2] and s["training"]["steps"] == 6
     student = load_bundle(s["out_dir"])
     assert student.cfg.n_layers == teacher.cfg.n_layers // 2 and s["after"]["params"] < s["before"]["params"]
     metrics = read_metrics(resolve_storage(str(tmp_path / "runs")).child("student"))
-    assert sorted(metrics) == list(range(1, 7)) and all(m["kl"] >= 0 for m in metrics.values())
+    assert sorted(metrics) == list(range(1, 7)) and all(m["kl"] >= 0 and 0 <= m["hidden_cos"] <= 2 for m in metrics.values())
     assert metrics[6]["loss"] < metrics[1]["loss"]
     assert 0 <= s["after"]["next_token_accuracy"] <= 1
 
@@ -345,3 +371,43 @@ def test_qat_fine_tunes_the_fake_quantized_model_on_the_engine_and_stores_it_int
     trained = folder.model.state_dict()
     changed = [k for k in ptq if not torch.equal(trained[k], ptq[k])]
     assert changed  # training moved the weights beyond their one-shot rounding
+
+
+def test_calibration_from_prepared_shards_is_their_tokens_and_another_tokenizer_is_refused(tiny_model_dir, tmp_path):
+    """``calibration_shards``: a prepared dataset's packed rows, in manifest order, give the same
+    calibration ids as the text they were packed from; shards packed with another tokenizer are
+    refused naming the key, before anything is measured."""
+    import numpy as np
+    import torch
+
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.prune import calibration_ids, shard_calibration_ids
+    from llm_ray.compress.stage import compress_stage
+    from llm_ray.config.compress import load_compress_spec
+    from llm_ray.data.shards import shard_table, write_manifest, write_shard
+    from llm_ray.data.tokenizer import tokenizer_hash
+    from llm_ray.storage import resolve_storage
+
+    b = load_bundle(tiny_model_dir)
+    ids = np.array(calibration_ids(b.tokenizer, HELDOUT, 10_000, 16).reshape(-1))
+    dataset = resolve_storage(str(tmp_path / "prepared"))
+    half = len(ids) // 32 * 16
+    names = ["shard-00000-of-00002.parquet", "shard-00001-of-00002.parquet"]
+    for name, part in zip(names, (ids[:half], ids[half:])):
+        write_shard(dataset, name, shard_table(part.reshape(-1, 16).astype(np.int32), None))
+    write_manifest(dataset, {"tokenizer_hash": tokenizer_hash(b.tokenizer), "seq_len": 16, "shards": [{"name": n} for n in names]})
+    got = shard_calibration_ids(dataset, b.tokenizer, 256, 32)
+    assert torch.equal(got, calibration_ids(b.tokenizer, HELDOUT, 256, 32))
+
+    base = [f"model={tiny_model_dir}", "method=prune_ffn", "sparsity=0.25", "calibration_tokens=256", "window=32",
+            "eval_tokens=256", "speed_batches=[1]"]
+    s = compress_stage(load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), base + [f"calibration_shards={dataset.uri}"]),
+                       str(tmp_path / "from-shards")).summary
+    t = compress_stage(load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), base + [f"calibration_text={HELDOUT}"]),
+                       str(tmp_path / "from-text")).summary
+    assert s["after"]["perplexity"] == t["after"]["perplexity"]  # the same channels went
+    write_manifest(dataset, {"tokenizer_hash": "0" * 16, "seq_len": 16, "shards": [{"name": n} for n in names]})
+    with pytest.raises(RecipeError) as e:
+        compress_stage(load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), base + [f"calibration_shards={dataset.uri}"]),
+                       str(tmp_path / "refused"))
+    assert e.value.key == "calibration_shards" and "another tokenizer" in str(e.value) and not (tmp_path / "refused").exists()

@@ -2,7 +2,7 @@
 
 One Serve instance for the module with two applications: ``/main`` (API keys on, batch 32)
 and ``/small`` (one batch slot, one queue place: overload on purpose; it serves an int8
-quantized copy of the model folder, ``llm-ray compress``'s output).
+quantized copy of the model folder run on int8 matmuls, ``llm-ray compress``'s int8_dynamic output).
 """
 
 from __future__ import annotations
@@ -71,12 +71,13 @@ def bundle(tiny_dir):
 
 @pytest.fixture(scope="module")
 def int8_dir(bundle, tiny_dir):
-    """The tiny folder with its matrices stored as int8 (what ``llm-ray compress`` writes)."""
+    """The tiny folder with its matrices stored as int8, loaded to run int8 activations too
+    (what ``llm-ray compress`` writes for int8_dynamic)."""
     from llm_ray.bundle import save_bundle
 
     tok_config = json.loads(open(f"{tiny_dir}/tokenizer_config.json").read())
     return save_bundle(bundle.model, bundle.cfg, bundle.tokenizer.to_str(), f"{tiny_dir}-int8", tokenizer_config=tok_config,
-                       quantization={"scheme": "int8"})
+                       quantization={"scheme": "int8", "activations": "int8_dynamic"})
 
 
 @pytest.fixture(scope="module")
@@ -357,11 +358,13 @@ def test_api_keys_models_and_health(server):
 
 
 def test_a_quantized_model_folder_answers_through_the_endpoint(server, int8_dir):
-    """/small serves the int8 folder: its greedy answer is the generation API's on that folder."""
+    """/small serves the int8 folder on int8 matmuls: its greedy answer is the generation API's
+    on that folder."""
     from llm_ray.bundle import load_bundle
+    from llm_ray.models.quant import Int8DynamicLinear
 
     quantized = load_bundle(int8_dir)
-    assert quantized.config["quantization"]["scheme"] == "int8"
+    assert quantized.config["quantization"]["scheme"] == "int8" and isinstance(quantized.model.head.proj, Int8DynamicLinear)
     status, _, text = call(f"{server['small']}/v1/completions", {"prompt": "The import statement", "max_tokens": 12,
                                                                  "temperature": 0}, key=None)
     assert status == 200, text

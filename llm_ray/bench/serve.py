@@ -364,7 +364,10 @@ def bench_serve(
     max_tokens: int = 64,
     rounds: int = 4,
     workloads: str = "uniform,mixed",
+    original: str = "",
 ) -> dict:
+    """``original``: the folder a compressed ``serve.model`` came from (``llm-ray compress``);
+    its in-process engine runs the same requests, giving ``engine_<N>_over_original``."""
     import socket
 
     import ray
@@ -413,6 +416,9 @@ def bench_serve(
         on_tokens = cfg.prefix_cache_tokens or 8192
         engine["shared_prefix"] = engine_in_process(*args, reqs["shared_prefix"], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step, device, on_tokens)
         engine_off = engine_in_process(*args, reqs["shared_prefix"], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step, device, 0)
+    # the uncompressed model on the same requests (the same tokenizer: compress keeps it)
+    engine_original = {w: engine_in_process(original, cfg.dtype, reqs[w], levels[-1], cfg.max_batch_size, cfg.prefill_tokens_per_step,
+                                            device, cfg.prefix_cache_tokens) for w in std} if original else {}
 
     from llm_ray.serve.app import run, url as app_url
 
@@ -446,7 +452,7 @@ def bench_serve(
     def rounded(r: dict) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
 
-    figures: dict = {"model": cfg.served_name, "dtype": cfg.dtype, "device": str(device or "cpu"), "max_tokens": max_tokens, "rounds": rounds, "workloads": {}}
+    figures: dict = {"model": cfg.served_name, "original": original or None, "dtype": cfg.dtype, "device": str(device or "cpu"), "max_tokens": max_tokens, "rounds": rounds, "workloads": {}}
     top = levels[-1]
     for w in std:
         base_seq = max(hf[w]["sequential"].values())
@@ -458,6 +464,9 @@ def bench_serve(
             table.add_row(w, f"HF generate, static batch {k}", f"{v:.1f}", *blank)
         e = engine[w]
         rows = [(f"engine in-process ({e['dtype']}), {top} streams, no HTTP", e)] + [(f"llm-ray serve, {r['clients']} clients", r) for r in ours[w]]
+        if original:
+            rows.insert(0, (f"original {os.path.basename(original.rstrip('/'))}: engine in-process ({engine_original[w]['dtype']}), {top} streams",
+                            engine_original[w]))
         for label, r in rows:
             timed_row(w, label, r)
         serve_top = ours[w][-1]["tokens_per_s"]
@@ -474,6 +483,9 @@ def bench_serve(
         figures[f"engine_{top}_over_hf_sequential{suffix}"] = round(e["tokens_per_s"] / base_seq, 2)
         figures[f"engine_{top}_over_hf_best_static_batch{suffix}"] = round(e["tokens_per_s"] / base_static, 2)
         figures[f"serve_{top}_over_engine_{top}{suffix}"] = round(serve_top / e["tokens_per_s"], 2)
+        if original:
+            figures["workloads"][w]["original_engine_in_process"] = rounded(engine_original[w])
+            figures[f"engine_{top}_over_original{suffix}"] = round(e["tokens_per_s"] / engine_original[w]["tokens_per_s"], 2)
     if "shared_prefix" in kinds:
         w, on, off = "shared_prefix", engine["shared_prefix"], engine_off
         timed_row(w, f"engine in-process ({on['dtype']}), {top} streams, prefix cache on (hit {on['prefix_cache_hit_rate']:.0%})", on)

@@ -80,8 +80,10 @@ def resolve_model_path(name_or_path: str) -> str:
     )
 
 
-def load_bundle(name_or_path: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> ModelBundle:
-    """Load a model folder (or packaged model) with ``strict=True``, in eval mode."""
+def load_bundle(name_or_path: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+                float_weights: bool = False) -> ModelBundle:
+    """Load a model folder (or packaged model) with ``strict=True``, in eval mode.
+    ``float_weights``: plain float linears even for an int8_dynamic folder (export, training)."""
     from safetensors.torch import load_model
     from tokenizers import Tokenizer
 
@@ -94,7 +96,7 @@ def load_bundle(name_or_path: str, device: str | torch.device = "cpu", dtype: Op
     model = build_model(cfg)
     if "quantization" in config:
         model.load_state_dict(_dequantized(os.path.join(path, WEIGHTS), config["quantization"], str(device)), strict=True)
-        if config["quantization"].get("activations") == "int8_dynamic":
+        if config["quantization"].get("activations") == "int8_dynamic" and not float_weights:
             from llm_ray.models.quant import apply_int8_dynamic
 
             model = apply_int8_dynamic(model)  # the int8 matmul runs the forward (inference only)

@@ -44,8 +44,9 @@ def import_hf(source: str, out_dir: Optional[str] = None, tokenizer: Optional[st
 
 
 def export_hf(model_dir: str, out_dir: str, verify: bool = True) -> dict:
-    """Export a decoder model folder (or packaged name) to Hugging Face format; returns the summary."""
+    """Export a decoder model folder (or packaged name) to Hugging Face format; returns the
+    summary. A quantized folder exports its dequantized float weights."""
     from llm_ray.bundle.folder import load_bundle
     from llm_ray.interop import export
 
-    return export(load_bundle(model_dir), out_dir, verify=verify)
+    return export(load_bundle(model_dir, float_weights=True), out_dir, verify=verify)

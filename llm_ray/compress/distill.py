@@ -11,6 +11,7 @@ student trained on the text alone (the baseline distillation must beat).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from llm_ray.models.converters import ModelSpec
-from llm_ray.models.losses import distillation_loss
+from llm_ray.models.losses import IGNORE_INDEX, distillation_loss, hidden_cosine_loss
 from llm_ray.train.objective import Objective
 
 
@@ -27,6 +28,7 @@ class Distill(Objective):
     teacher: ModelSpec
     temperature: float = 2.0
     alpha: float = 0.5
+    hidden_cosine: float = 0.0  # weight of DistilBERT's 1 - cos(h_s, h_t) on the final hidden states
     name = "distill"
     batch_fields = ("input_ids", "labels")
     frozen_forwards = 1  # the teacher's forward over the same rows
@@ -35,14 +37,33 @@ class Distill(Objective):
         return {"teacher": self.teacher}
 
     def loss(self, engine, batch, frozen):
-        logits = engine(batch["input_ids"])  # (B, T, V)
-        if self.alpha > 0:
-            with torch.no_grad():
+        with final_hidden(engine.module if hasattr(engine, "module") else engine, self.hidden_cosine > 0) as student_h:
+            logits = engine(batch["input_ids"])  # (B, T, V)
+        if self.alpha > 0 or self.hidden_cosine > 0:
+            with torch.no_grad(), final_hidden(frozen["teacher"], self.hidden_cosine > 0) as teacher_h:
                 teacher = frozen["teacher"](batch["input_ids"])
         else:  # the no-teacher baseline: the teacher's forward would be wasted
             teacher = logits.detach()
         loss, kl, ce = distillation_loss(logits, teacher, batch["labels"], self.temperature, self.alpha)
-        return loss, {"kl": kl.detach(), "ce": ce.detach()}
+        metrics = {"kl": kl.detach(), "ce": ce.detach()}
+        if self.hidden_cosine > 0:
+            cos = hidden_cosine_loss(student_h[0], teacher_h[0], batch["labels"] != IGNORE_INDEX)
+            loss = loss + self.hidden_cosine * cos
+            metrics["hidden_cos"] = cos.detach()
+        return loss, metrics
+
+
+@contextlib.contextmanager
+def final_hidden(model, wanted: bool):
+    """Yields a list that holds, after a forward, the input of the LM head's projection: the
+    final hidden states (B, T, d), normed (what the vocabulary sees; DistilBERT's choice)."""
+    out: list = []
+    handle = model.head.proj.register_forward_pre_hook(lambda m, args: out.append(args[0])) if wanted else None
+    try:
+        yield out
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def every_other_layer(teacher_layers: int, student_layers: int) -> list[int]:
@@ -59,7 +80,7 @@ def distilled_folder(teacher, spec, out_dir: str) -> tuple[str, dict]:
     layers = spec.student_layers or max(1, teacher.cfg.n_layers // 2)
     init = [LayersFrom(teacher_weights(teacher), every_other_layer(teacher.cfg.n_layers, layers))] if spec.student_init == "teacher_layers" else []
     record = {"distill": {"student_layers": layers, "student_init": spec.student_init, "temperature": spec.temperature,
-                          "alpha": spec.alpha}}
+                          "alpha": spec.alpha, "hidden_cosine": spec.hidden_cosine}}
     return trained_against_teacher(teacher, spec, out_dir, dataclasses.replace(teacher.cfg, n_layers=layers), init, record)
 
 
@@ -106,7 +127,8 @@ def trained_against_teacher(teacher, spec, out_dir: str, student_cfg, init: list
     tuned = tuning.TunedRun(recipe, teacher.path, teacher, storage, run, out_dir)
     _, source = prepare_source(recipe, run)
     student = ModelSpec.of(student_cfg, init, seed=recipe.train.seed)
-    objective = Distill(ModelSpec.of(teacher.cfg, [LoadWeights(teacher_weights(teacher))]), spec.temperature, spec.alpha)
+    objective = Distill(ModelSpec.of(teacher.cfg, [LoadWeights(teacher_weights(teacher))]), spec.temperature, spec.alpha,
+                        spec.hidden_cosine)
     summary = tuned.train(student, objective, source)
     module, manifest, ckpt = tuning.trained_module(tuned, student)
     tok_config = None

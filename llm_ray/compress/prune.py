@@ -75,9 +75,42 @@ def calibration_ids(tokenizer, path: str, n_tokens: int, seq_len: int) -> torch.
     """(N, seq_len) token ids: the first ``n_tokens`` tokens of a text file in rows."""
     with open(path, encoding="utf-8") as f:
         ids = tokenizer.encode(f.read()).ids[:n_tokens]
+    return _rows(ids, seq_len, path)
+
+
+def shard_calibration_ids(dataset, tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """(N, seq_len) token ids: the first ``n_tokens`` tokens of a prepared dataset (``llm-ray
+    data prepare``'s shards, local or s3://, in manifest order), checked to be packed with the
+    model's tokenizer."""
+    from llm_ray.data.shards import read_shard
+
+    manifest = check_calibration_shards(dataset, tokenizer)
+    ids: list[int] = []
+    for shard in manifest["shards"]:
+        ids += read_shard(dataset, shard["name"]).reshape(-1).tolist()
+        if len(ids) >= n_tokens:
+            break
+    return _rows(ids[:n_tokens], seq_len, dataset.uri)
+
+
+def check_calibration_shards(dataset, tokenizer) -> dict:
+    """The dataset's manifest; ValueError when there is none or its tokenizer is not the model's."""
+    from llm_ray.data.shards import read_manifest
+    from llm_ray.data.tokenizer import tokenizer_hash
+
+    manifest = read_manifest(dataset)
+    if manifest is None:
+        raise ValueError(f"no manifest.json under {dataset.uri}: run `llm-ray data prepare` first")
+    if manifest["tokenizer_hash"] != tokenizer_hash(tokenizer):
+        raise ValueError(f"{dataset.uri} was packed with another tokenizer ({manifest['tokenizer_hash']}) than the model's "
+                         f"({tokenizer_hash(tokenizer)}): prepare it with data.tokenizer.path set to the model folder's tokenizer.json")
+    return manifest
+
+
+def _rows(ids: list[int], seq_len: int, source: str) -> torch.Tensor:
     rows = len(ids) // seq_len
     if rows == 0:
-        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one row of {seq_len}")
+        raise ValueError(f"{source}: {len(ids)} tokens, fewer than one row of {seq_len}")
     return torch.tensor(ids[:rows * seq_len]).reshape(rows, seq_len)
 
 

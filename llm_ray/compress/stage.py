@@ -51,12 +51,18 @@ def compressed_folder(original, spec, out_dir: str) -> tuple[str, dict]:
 
 
 def _calibration(original, spec):
-    from llm_ray.compress.prune import calibration_ids
+    """(N, T) calibration token ids from ``calibration_text`` or ``calibration_shards``, or None."""
+    from llm_ray.compress.prune import calibration_ids, shard_calibration_ids
 
+    width = min(spec.window, original.cfg.max_seq_len)
+    if spec.calibration_shards:
+        from llm_ray.storage import resolve_storage
+
+        dataset = resolve_storage(spec.calibration_shards, spec.s3_endpoint or None)
+        return shard_calibration_ids(dataset, original.tokenizer, spec.calibration_tokens, width)
     if not spec.calibration_text:
         return None
-    return calibration_ids(original.tokenizer, spec.calibration_text, spec.calibration_tokens,
-                           min(spec.window, original.cfg.max_seq_len))
+    return calibration_ids(original.tokenizer, spec.calibration_text, spec.calibration_tokens, width)
 
 
 def sparse_copy(original, spec):
@@ -123,6 +129,14 @@ def compress_stage(spec, out_dir: str) -> StageResult:
     original = load_bundle(spec.model)
     if spec.method == "prune_ffn" and original.cfg.moe.enabled:
         raise RecipeError("method", "prune_ffn needs dense FFNs; this model has mixture-of-experts layers")
+    if spec.calibration_shards:  # refused before anything is measured, as a bad text path is
+        from llm_ray.compress.prune import check_calibration_shards
+        from llm_ray.storage import resolve_storage
+
+        try:
+            check_calibration_shards(resolve_storage(spec.calibration_shards, spec.s3_endpoint or None), original.tokenizer)
+        except (ValueError, OSError) as e:
+            raise RecipeError("calibration_shards", str(e)) from None
     if spec.method == "prune_heads":
         from llm_ray.compress.heads import head_plan
 

@@ -51,7 +51,9 @@ def pareto_front(rows: list[dict], objectives: list[str]) -> list[dict]:
 
 
 def trial_label(trial: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in trial.items())
+    """``key=value`` of the trial's overrides; a training trial's ``train_set`` as its count (the
+    full lists are in pareto.json)."""
+    return " ".join(f"{k}=[{len(v)} overrides]" if k == "train_set" else f"{k}={v}" for k, v in trial.items())
 
 
 def write_front(folder: str, rows: list[dict], front: list[dict], objectives: list[str]) -> dict:
@@ -79,7 +81,10 @@ def write_front(folder: str, rows: list[dict], front: list[dict], objectives: li
             "o-", color="C3", label="Pareto front")
     for r in front:
         ax.annotate(r["label"], (r[x], r[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel(x), ax.set_ylabel(y), ax.set_yscale("log"), ax.legend()
+    ax.set_xlabel(x), ax.set_ylabel(y), ax.legend()
+    ys = [r[y] for r in rows]
+    if max(ys) > 10 * min(ys):  # a log axis only where the spread needs one (pruning can cost 100x)
+        ax.set_yscale("log")
     ax.set_title("compression sweep: size vs held-out quality")
     fig.tight_layout()
     fig.savefig(paths["plot"], dpi=120)

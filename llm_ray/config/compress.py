@@ -32,7 +32,9 @@ class CompressSpec:
     head_unit: Literal["query", "group"] = "query"  # prune_heads: query heads within each k/v group, or whole groups
     n_m: list[int] = field(default_factory=list)  # unstructured: [2, 4] keeps 2 of every 4 inputs (sparsity ignored)
     calibration_text: str = ""  # prune_ffn, prune_heads, wanda: text whose activations score weights; "" = weights only
+    calibration_shards: str = ""  # instead: a prepared dataset (llm-ray data prepare; local or s3://), the model's tokenizer
     calibration_tokens: int = 2048
+    s3_endpoint: str = ""  # for s3:// calibration shards on a non-AWS endpoint (MinIO, moto)
     qat_scheme: Literal["int8", "int4"] = "int4"  # qat: how the folder stores the weights (int4: group_size)
     # distill, qat: a training recipe (data.paths, optim, train, parallel, run) and its --set overrides
     train_recipe: str = ""
@@ -41,6 +43,7 @@ class CompressSpec:
     student_init: Literal["teacher_layers", "random"] = "teacher_layers"  # teacher_layers: every other one
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft-target term; 0 = the student on the text alone
+    hidden_cosine: float = 0.0  # distill: weight of DistilBERT's cosine term on the final hidden states
     eval_text: str = ""  # held-out text file for perplexity before and after
     eval_tokens: int = 4096  # its first tokens scored
     window: int = 256  # perplexity window (stride = window / 2)
@@ -55,12 +58,15 @@ class CompressSpec:
         if self.n_m:
             _check(len(self.n_m) == 2 and 0 < self.n_m[0] < self.n_m[1], "n_m", f"must be [N, M] with 0 < N < M, got {self.n_m}")
             _check(self.method in UNSTRUCTURED, "n_m", f"applies to {list(UNSTRUCTURED)}, not {self.method}")
-        _check(self.method != "wanda" or bool(self.calibration_text), "calibration_text", "wanda needs calibration text")
+        _check(self.method != "wanda" or bool(self.calibration_text or self.calibration_shards), "calibration_text",
+               "wanda needs calibration text (or calibration_shards)")
+        _check(not (self.calibration_text and self.calibration_shards), "calibration_shards", "one of calibration_text and calibration_shards, not both")
         if self.method in ("distill", "qat"):
             _check(bool(self.train_recipe), "train_recipe", f"{self.method} needs a training recipe (data, optim, train, run)")
         _check(self.student_layers >= 0, "student_layers", "must be >= 0 (0 = half the teacher's)")
         _check(self.temperature > 0, "temperature", "must be > 0")
         _check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
+        _check(self.hidden_cosine >= 0, "hidden_cosine", "must be >= 0")
         _check(self.calibration_tokens >= 2, "calibration_tokens", "must be >= 2")
         _check(bool(self.eval_text), "eval_text", "needs a held-out text file (perplexity before and after)")
         _check(self.eval_tokens >= 2, "eval_tokens", "must be >= 2")
@@ -70,7 +76,7 @@ class CompressSpec:
 
     def resolve_paths(self, base: str | Path) -> "CompressSpec":
         """Text paths relative to the spec file's folder when it does not exist as given."""
-        for key in ("eval_text", "calibration_text", "train_recipe"):
+        for key in ("eval_text", "calibration_text", "calibration_shards", "train_recipe"):
             value = getattr(self, key)
             if value and not Path(value).exists() and (Path(base) / value).exists():
                 setattr(self, key, str(Path(base) / value))
