@@ -311,6 +311,30 @@ def test_distill_objective_is_zero_for_the_teacher_itself_and_adds_the_hidden_co
         assert torch.allclose(loss, 0.5 * m["kl"] + 0.5 * m["ce"] + 0.25 * m["hidden_cos"], atol=1e-5)
 
 
+def test_a_narrower_student_gets_its_own_shape_and_what_cannot_apply_to_it_is_refused(tiny_model_dir, tmp_path):
+    """``student_width`` narrows d_model (head size and FFN width follow); a width the heads do
+    not divide, starting a narrower student from teacher layers, or a hidden-state cosine
+    between different widths are refused naming the key before any training."""
+    from llm_ray.bundle import load_bundle
+    from llm_ray.compress.distill import student_config
+    from llm_ray.compress.stage import compress_stage
+    from llm_ray.config import ModelConfig
+    from llm_ray.config.compress import load_compress_spec
+
+    cfg = load_bundle(tiny_model_dir).cfg
+    base = [f"model={tiny_model_dir}", "method=distill", "train_recipe=" + str(REPO / "jobs/recipes/tiny-cpu.yaml")]
+    spec = load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), base + ["student_width=32", "student_layers=1",
+                                                                                     "student_init=random"])
+    student = student_config(cfg, spec)
+    assert (student.d_model, student.n_layers, student.head_dim, student.ffn_dim) == (32, 1, 8, ModelConfig(d_model=32).ffn_dim)
+    for extra, key in ((["student_width=30", "student_init=random"], "student_width"), (["student_width=32"], "student_init"),
+                       (["student_width=32", "student_init=random", "hidden_cosine=0.5"], "hidden_cosine")):
+        with pytest.raises(RecipeError) as e:
+            compress_stage(load_compress_spec(str(REPO / "jobs/recipes/compress-smollm2.yaml"), base + extra), str(tmp_path / "out"))
+        assert e.value.key == key, str(e.value)
+        assert not (tmp_path / "out").exists()
+
+
 def test_distill_trains_a_half_depth_student_from_every_other_teacher_layer(ray_cluster, tiny_model_dir, tmp_path):
     """The wiring of ``method: distill`` on the engine (Ray Train + DeepSpeed): the student has
     half the teacher's layers, starts from teacher layers 0, 2, ..., trains against the frozen

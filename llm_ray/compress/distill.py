@@ -72,16 +72,34 @@ def every_other_layer(teacher_layers: int, student_layers: int) -> list[int]:
     return [min(teacher_layers - 1, int(i * step)) for i in range(student_layers)]
 
 
+def student_config(teacher_cfg, spec):
+    """The student's shape: ``student_layers`` (0: half the teacher's) and, where
+    ``student_width`` is set, a narrower d_model (the FFN width and head size follow it; the head
+    counts stay). RecipeError naming the key when the shape is not valid."""
+    from llm_ray.config import RecipeError
+
+    layers = spec.student_layers or max(1, teacher_cfg.n_layers // 2)
+    width = {}
+    if spec.student_width and spec.student_width != teacher_cfg.d_model:
+        width = {"d_model": spec.student_width, "d_ff": None, "d_head": None}
+    try:
+        return dataclasses.replace(teacher_cfg, n_layers=layers, **width)
+    except RecipeError as e:
+        raise RecipeError("student_width" if width else "student_layers", f"the student's {e}") from None
+
+
 def distilled_folder(teacher, spec, out_dir: str) -> tuple[str, dict]:
-    """Train the shallower student of ``spec`` against the loaded ``teacher`` bundle; (folder,
-    training figures)."""
+    """Train the student of ``spec`` (shallower, optionally narrower) against the loaded
+    ``teacher`` bundle; (folder, training figures)."""
     from llm_ray.models.converters import LayersFrom
 
-    layers = spec.student_layers or max(1, teacher.cfg.n_layers // 2)
-    init = [LayersFrom(teacher_weights(teacher), every_other_layer(teacher.cfg.n_layers, layers))] if spec.student_init == "teacher_layers" else []
-    record = {"distill": {"student_layers": layers, "student_init": spec.student_init, "temperature": spec.temperature,
-                          "alpha": spec.alpha, "hidden_cosine": spec.hidden_cosine}}
-    return trained_against_teacher(teacher, spec, out_dir, dataclasses.replace(teacher.cfg, n_layers=layers), init, record)
+    cfg = student_config(teacher.cfg, spec)
+    narrower = cfg.d_model != teacher.cfg.d_model
+    init = [LayersFrom(teacher_weights(teacher), every_other_layer(teacher.cfg.n_layers, cfg.n_layers))] if spec.student_init == "teacher_layers" else []
+    record = {"distill": {"student_layers": cfg.n_layers, "student_width": cfg.d_model, "student_init": spec.student_init,
+                          "temperature": spec.temperature, "alpha": spec.alpha, "hidden_cosine": spec.hidden_cosine}}
+    assert not (narrower and (init or spec.hidden_cosine)), "checked by compress_stage"
+    return trained_against_teacher(teacher, spec, out_dir, cfg, init, record)
 
 
 def qat_folder(teacher, spec, out_dir: str) -> tuple[str, dict]:

@@ -137,6 +137,14 @@ def compress_stage(spec, out_dir: str) -> StageResult:
             check_calibration_shards(resolve_storage(spec.calibration_shards, spec.s3_endpoint or None), original.tokenizer)
         except (ValueError, OSError) as e:
             raise RecipeError("calibration_shards", str(e)) from None
+    if spec.method == "distill":
+        from llm_ray.compress.distill import student_config
+
+        if student_config(original.cfg, spec).d_model != original.cfg.d_model:  # also validates the shape
+            if spec.student_init == "teacher_layers":
+                raise RecipeError("student_init", "a narrower student (student_width) cannot start from the teacher's layers: use random")
+            if spec.hidden_cosine:
+                raise RecipeError("hidden_cosine", "compares hidden states of equal width; the student is narrower")
     if spec.method == "prune_heads":
         from llm_ray.compress.heads import head_plan
 

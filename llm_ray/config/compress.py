@@ -40,6 +40,7 @@ class CompressSpec:
     train_recipe: str = ""
     train_set: list[str] = field(default_factory=list)
     student_layers: int = 0  # 0: half the teacher's
+    student_width: int = 0  # distill: the student's d_model (0: the teacher's); narrower needs student_init: random
     student_init: Literal["teacher_layers", "random"] = "teacher_layers"  # teacher_layers: every other one
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft-target term; 0 = the student on the text alone
@@ -64,6 +65,7 @@ class CompressSpec:
         if self.method in ("distill", "qat"):
             _check(bool(self.train_recipe), "train_recipe", f"{self.method} needs a training recipe (data, optim, train, run)")
         _check(self.student_layers >= 0, "student_layers", "must be >= 0 (0 = half the teacher's)")
+        _check(self.student_width >= 0, "student_width", "must be >= 0 (0 = the teacher's d_model)")
         _check(self.temperature > 0, "temperature", "must be > 0")
         _check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         _check(self.hidden_cosine >= 0, "hidden_cosine", "must be >= 0")
