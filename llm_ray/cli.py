@@ -185,6 +185,12 @@ def cmd_bench_dpo(args) -> None:
     bench_dpo(args.recipe, args.set, steps=args.steps)
 
 
+def cmd_bench_privacy(args) -> None:
+    from llm_ray.bench.privacy import bench_privacy
+
+    bench_privacy(args.recipe, args.set, steps=args.steps)
+
+
 def cmd_bench_data(args) -> None:
     from llm_ray.bench.data import bench_data
 
@@ -309,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. finetune.init_from=smollm2")
     b.add_argument("--steps", type=int, default=10)
     b.set_defaults(func=cmd_bench_dpo)
+    b = bsub.add_parser("privacy", help="DP-SGD step time vs the same non-private step (one recipe, same run)")
+    b.add_argument("recipe", nargs="?", default="jobs/recipes/dp-tiny.yaml", help="a recipe with privacy.dp")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. parallel.num_workers=1")
+    b.add_argument("--steps", type=int, default=12)
+    b.set_defaults(func=cmd_bench_privacy)
     b = bsub.add_parser("ppo", help="one RL run: samples/s, each phase's share, rollout pool vs the engine alone")
     b.add_argument("recipe", nargs="?", default="jobs/recipes/grpo-tiny.yaml", help="ppo recipe")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. align.ppo.estimator=ppo")

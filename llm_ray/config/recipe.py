@@ -20,6 +20,7 @@ from llm_ray.config.loader import check as _check
 from llm_ray.config.prepare import PrepareConfig
 from llm_ray.config.finetune import FinetuneConfig
 from llm_ray.config.align import AlignConfig
+from llm_ray.config.privacy import PrivacyConfig
 
 
 DEFAULT_CORPUS = "jobs/data/tiny_corpus.txt"
@@ -281,6 +282,7 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # llm-ray sft, reward, dpo
     align: AlignConfig = field(default_factory=AlignConfig)  # llm-ray reward, dpo
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD
 
     def __post_init__(self):
         m, t, p = self.model, self.train, self.parallel
@@ -328,6 +330,13 @@ class Recipe:
         if self.data.doc_attention_mask:
             _check(t.objective == "causal_lm", "data.doc_attention_mask", "is for train.objective causal_lm (the decoder)")
             _check(p.pipeline_stages == 1, "data.doc_attention_mask", "cannot be combined with pipeline_stages > 1 yet")
+        if self.privacy.dp.enabled:  # what per-example clipping cannot honour
+            _check(p.zero_stage <= 2, "parallel.zero_stage",
+                   "privacy.dp needs whole parameters on each rank for per-example gradients: ZeRO 0-2, not 3")
+            _check(p.pipeline_stages == 1, "parallel.pipeline_stages", "privacy.dp cannot clip per example across pipeline stages")
+            _check(self.optim.grad_clip == 0, "optim.grad_clip", "privacy.dp clips each example's gradient itself: set optim.grad_clip: 0")
+            _check(not m.moe.enabled, "model.moe.num_experts", "privacy.dp: the MoE load-balancing loss is not clipped per example")
+            _check(m.dropout == 0, "model.dropout", "privacy.dp: per-example norms need the same forward as the step (no dropout)")
 
     @property
     def grad_accum_steps(self) -> int:

@@ -22,6 +22,13 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: s
     return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
+def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's mean cross entropy over its labelled positions (0 for a row with none):
+    the per-example loss DP-SGD clips. logits (B, T, V), labels (B, T)."""
+    mask = labels != IGNORE_INDEX
+    return -token_logprobs(logits, labels).sum(1) / mask.sum(1).clamp(min=1)
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) at every position: logits (B, T, V), labels (B, T) -> (B, T), 0 where ignored."""
     mask = labels != IGNORE_INDEX

@@ -236,10 +236,16 @@ def run_trainer(trainer, job: TrainJob, run: Storage) -> dict:
         "num_workers": job.recipe.parallel.num_workers,
         "use_gpu": job.use_gpu,
     }
+    if hasattr(job.objective, "privacy_summary"):  # DP-SGD: the guarantee the run reached
+        summary["privacy"] = job.objective.privacy_summary(summary["steps"] or 0)
     run.write_text("summary.json", json.dumps(summary, indent=2))
     return summary
 
 
 def fit(job: TrainJob, storage: Storage, run: Storage) -> dict:
-    """Build the trainer and run it: the engine's whole job for every stage."""
+    """Build the trainer and run it: the engine's whole job for every stage (DP-SGD wraps the
+    stage's objective when the recipe asks for it)."""
+    from llm_ray.train.dp import private
+
+    job = dataclasses.replace(job, objective=private(job.objective, job.recipe, job.source))
     return run_trainer(build_trainer(job, storage, run), job, run)

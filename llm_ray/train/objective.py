@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from llm_ray.models.converters import ModelSpec
-from llm_ray.models.losses import token_cross_entropy
+from llm_ray.models.losses import sequence_cross_entropy, token_cross_entropy
 
 Metrics = dict[str, torch.Tensor]
 
@@ -68,6 +68,12 @@ class CausalLM(Objective):
         segments = batch.get("segment_ids")
         logits = engine(batch["input_ids"]) if segments is None else engine(batch["input_ids"], segment_ids=segments)
         return token_cross_entropy(logits, batch["labels"]), {}  # logits (B, T, V)
+
+    def per_example_loss(self, model, batch) -> torch.Tensor:
+        """(B,) each row's mean token cross entropy: what DP-SGD clips per example."""
+        segments = batch.get("segment_ids")
+        logits = model(batch["input_ids"]) if segments is None else model(batch["input_ids"], segment_ids=segments)
+        return sequence_cross_entropy(logits, batch["labels"])
 
     def pipeline_loss(self, outputs, labels):
         return token_cross_entropy(outputs, labels)

@@ -1,0 +1,167 @@
+"""DP-SGD on the engine: per-example gradient clipping and Gaussian noise, expressed in the loss.
+
+The engine's backward, accumulation and data-parallel all-reduce stay DeepSpeed's. What
+changes is the loss each rank back-propagates for a micro batch of b examples:
+
+    L = (1/b) Σ_i w_i ℓ_i  +  [rank 0] (1/b) <n, θ>,   w_i = min(1, C / ‖∇ℓ_i‖)  (detached)
+
+Its gradient is (1/b)(Σ_i clip_C(∇ℓ_i) + n). DeepSpeed averages it over accumulation steps and
+ranks, so the step's gradient is (1/B)(Σ_{i ∈ global batch} clip_C(∇ℓ_i) + Σ_m n_m): with
+n_m ~ N(0, σ²C²/accum) on rank 0 only, Σ_m n_m ~ N(0, σ²C²), noise added once per step, as
+DP-SGD (Abadi et al. 2016) prescribes, whatever the world size. The per-example norms come from
+``torch.func`` (vmap of grad over the batch, one functional pass of the model; Opacus'
+``GradSampleModule`` hooks do not compose with DeepSpeed's engine, and fastDP is not on our
+stack). The noise is seeded by (seed, step, micro step): a resumed run draws the same noise.
+
+Opacus' accountant (RDP or PRV) turns (σ, sample rate, steps, δ) into ε, reported each step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llm_ray.train.objective import Objective
+
+
+def per_example_grad_norms(module: nn.Module, per_example_loss, batch: dict, chunk: int | None = None) -> torch.Tensor:
+    """(B,) the L2 norm of each example's gradient over ``module``'s trainable parameters;
+    ``per_example_loss(module, batch) -> (B,)``. One ``torch.func`` pass, no .grad touched."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
+    buffers = dict(module.named_buffers())
+
+    def one(trainable, example):
+        rows = {k: v.unsqueeze(0) for k, v in example.items()}  # a batch of one
+        return per_example_loss(lambda *a, **k: functional_call(module, ({**trainable, **frozen}, buffers), a, k), rows)[0]
+
+    grads = vmap(grad(one), in_dims=(None, 0), chunk_size=chunk)(params, batch)  # {name: (B, *shape)}
+    squares = sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values())  # (B,)
+    return squares.sqrt()
+
+
+def clip_weights(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, C / ‖g_i‖): the factor that clips each example's gradient to at most C."""
+    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def noise_term(params: list[nn.Parameter], std: float, generator: torch.Generator) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. each parameter is fresh N(0, std²) noise and whose value is
+    0 (so the logged loss stays the loss): <n, θ - θ.detach()>."""
+    total = torch.zeros((), device=params[0].device)
+    for p in params:
+        n = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype) * std
+        total = total + (n * (p - p.detach())).sum()
+    return total
+
+
+def sample_rate(global_batch: int, examples: int) -> float:
+    return min(1.0, global_batch / examples)
+
+
+def noise_for_target(target_epsilon: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    """The smallest σ whose ε after ``steps`` at ``rate`` is ``target_epsilon`` (Opacus' search)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate, steps=steps,
+                                      accountant=accountant))
+
+
+def epsilon(noise_multiplier: float, rate: float, steps: int, delta: float, accountant: str) -> float:
+    """ε at δ after ``steps`` DP-SGD steps, from Opacus' accountant (its own computation)."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = [(noise_multiplier, rate, steps)]  # steps of one (σ, q): what acc.step() would record
+    return float(acc.get_epsilon(delta))
+
+
+@dataclass
+class DPSGD(Objective):
+    """Wraps an objective that has ``per_example_loss(model, batch) -> (B,)`` (causal LM, SFT)."""
+
+    inner: Objective
+    noise_multiplier: float
+    max_grad_norm: float
+    rate: float  # sample rate: global batch / examples
+    delta: float
+    accountant: str
+    grad_accum: int
+    seed: int
+    step: int = field(default=0, init=False)
+    micro: int = field(default=0, init=False)
+    _eps: tuple | None = field(default=None, init=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        return self.inner.batch_fields
+
+    def frozen_models(self):
+        return self.inner.frozen_models()
+
+    def on_train_start(self, engine, step: int) -> None:
+        self.step, self.micro = step, 0
+        self.inner.on_train_start(engine, step)
+
+    def after_step(self, engine, step: int) -> None:
+        self.step, self.micro = step, 0
+        self.inner.after_step(engine, step)
+
+    def loss(self, engine, batch, frozen):
+        import torch.distributed as dist
+
+        module = engine.module if hasattr(engine, "module") else engine
+        fields = {k: batch[k] for k in (*self.batch_fields, "segment_ids") if k in batch}
+        norms = per_example_grad_norms(module, self.inner.per_example_loss, fields)  # (B,)
+        weights = clip_weights(norms, self.max_grad_norm)
+        losses = self.inner.per_example_loss(engine, fields)  # (B,) through the engine: its hooks run
+        b = losses.shape[0]
+        weighted = (weights.detach() * losses).sum() / b
+        loss = losses.mean().detach() + (weighted - weighted.detach())  # value: the loss; gradient: clipped
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) * 1_009 + self.micro)
+            std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.grad_accum)
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            loss = loss + noise_term(trainable, std, g) / b
+        self.micro += 1
+        return loss, {"clipped_share": (norms > self.max_grad_norm).float().mean(), "grad_norm_median": norms.median(),
+                      "epsilon": torch.tensor(self.epsilon_at(self.step + 1)), "noise_multiplier": torch.tensor(self.noise_multiplier),
+                      "dp_sample_rate": torch.tensor(self.rate)}
+
+    def privacy_summary(self, steps: int) -> dict:
+        return {"epsilon": self.epsilon_at(steps), "delta": self.delta, "accountant": self.accountant, "steps": steps,
+                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm, "sample_rate": self.rate,
+                "sampling": "shuffled fixed-size batches (epsilon at q = batch / examples, as for Poisson)"}
+
+    def epsilon_at(self, step: int) -> float:
+        """ε at δ once ``step`` steps are done (cached: every micro batch of a step asks)."""
+        if self._eps is None or self._eps[0] != step:
+            self._eps = (step, epsilon(self.noise_multiplier, self.rate, step, self.delta, self.accountant))
+        return self._eps[1]
+
+
+def private(objective: Objective, recipe, source) -> Objective:
+    """``objective`` wrapped in DP-SGD when ``privacy.dp.enabled`` (σ from the target ε if one is
+    given), else as it is. RecipeError naming the key for an objective without per-example losses."""
+    from llm_ray.config import RecipeError
+
+    dp = recipe.privacy.dp
+    if not dp.enabled:
+        return objective
+    if not hasattr(objective, "per_example_loss"):
+        raise RecipeError("privacy.dp.enabled", f"objective {objective.name} has no per-example loss to clip (causal LM and SFT have)")
+    if not hasattr(source, "num_samples"):
+        raise RecipeError("privacy.dp.enabled", "needs a training set of known size (the sample rate of the accountant)")
+    rate = sample_rate(recipe.train.global_batch_size, source.num_samples)
+    sigma = dp.noise_multiplier or noise_for_target(dp.target_epsilon, dp.delta, rate, recipe.train.max_steps, dp.accountant)
+    return DPSGD(objective, sigma, dp.max_grad_norm, rate, dp.delta, dp.accountant, recipe.grad_accum_steps, recipe.train.seed)
