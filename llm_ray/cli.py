@@ -63,7 +63,7 @@ def cmd_tokenizer_train(args) -> None:
 def cmd_export(args) -> None:
     from llm_ray.train.export import export_model
 
-    _print_result(export_model(args.run, args.out, s3_endpoint=args.s3_endpoint))
+    _print_result(export_model(args.run, args.out, s3_endpoint=args.s3_endpoint, encrypt=args.encrypt))
 
 
 def cmd_import(args) -> None:
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder (storage_path/name) or one of its checkpoint_* folders; local or s3://")
     p.add_argument("--out", required=True)
     p.add_argument("--s3-endpoint", default=None)
+    p.add_argument("--encrypt", action="store_true", help="store weights and tokenizer AES-256-GCM encrypted (key: LLM_RAY_ENCRYPTION_KEY or _FILE)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="Hugging Face folder (Llama, GPT-2, BERT), .gguf file or packaged name -> model folder")

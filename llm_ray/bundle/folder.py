@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from llm_ray.config import ModelConfig, from_dict
+from llm_ray.encryption import read_maybe_encrypted
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -94,17 +95,25 @@ def load_bundle(name_or_path: str, device: str | torch.device = "cpu", dtype: Op
         config = json.load(f)
     cfg = from_dict(ModelConfig, config["model"])
     model = build_model(cfg)
+    sealed = bool(config.get("encryption"))  # decrypted in memory, every file authenticated
     if "quantization" in config:
-        model.load_state_dict(_dequantized(os.path.join(path, WEIGHTS), config["quantization"], str(device)), strict=True)
+        model.load_state_dict(_dequantized(os.path.join(path, WEIGHTS), config["quantization"], str(device), sealed), strict=True)
         if config["quantization"].get("activations") == "int8_dynamic" and not float_weights:
             from llm_ray.models.quant import apply_int8_dynamic
 
             model = apply_int8_dynamic(model)  # the int8 matmul runs the forward (inference only)
+    elif sealed:
+        from llm_ray.models.converters import load_weights_bytes
+
+        load_weights_bytes(model, read_maybe_encrypted(os.path.join(path, WEIGHTS), WEIGHTS), str(device))
     else:
         load_model(model, os.path.join(path, WEIGHTS), strict=True, device=str(device))
     if dtype is not None:
         model = model.to(dtype)
-    tokenizer = Tokenizer.from_file(os.path.join(path, TOKENIZER))
+    if sealed:
+        tokenizer = Tokenizer.from_str(read_maybe_encrypted(os.path.join(path, TOKENIZER), TOKENIZER).decode("utf-8"))
+    else:
+        tokenizer = Tokenizer.from_file(os.path.join(path, TOKENIZER))
     tok_config = {}
     if os.path.exists(os.path.join(path, TOKENIZER_CONFIG)):
         with open(os.path.join(path, TOKENIZER_CONFIG)) as f:
@@ -123,16 +132,31 @@ def load_bundle(name_or_path: str, device: str | torch.device = "cpu", dtype: Op
     )
 
 
-def _dequantized(weights: str, meta: dict, device: str) -> dict[str, torch.Tensor]:
+def _dequantized(weights: str, meta: dict, device: str, sealed: bool = False) -> dict[str, torch.Tensor]:
     """The float state dict of a quantized folder's weights, tied names restored."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     from llm_ray.models.quant import dequantize_state_dict
 
-    state = dequantize_state_dict(load_file(weights, device=device), meta["scheme"])
+    stored = load(read_maybe_encrypted(weights, WEIGHTS)) if sealed else load_file(weights, device=device)
+    state = dequantize_state_dict({k: v.to(device) for k, v in stored.items()}, meta["scheme"])
     for alias, kept in meta.get("tied", {}).items():
         state[alias] = state[kept]
     return state
+
+
+def _seal(folder: str, names: tuple[str, ...]) -> dict:
+    """Encrypt ``names`` in ``folder`` in place; config.json's ``encryption`` entry."""
+    from llm_ray.encryption import encrypt_bytes, key_fingerprint, load_key
+
+    key = load_key()
+    for name in names:
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(encrypt_bytes(data, name, key))
+    return {"scheme": "aes-256-gcm", "files": list(names), "key_fingerprint": key_fingerprint(key)}
 
 
 def _save_quantized(model: nn.Module, path: str, quantization: dict) -> dict:
@@ -166,8 +190,13 @@ def save_bundle(
     provenance: Optional[dict] = None,
     tokenizer_config: Optional[dict] = None,
     quantization: Optional[dict] = None,
+    encrypt: bool = False,
 ) -> str:
     """Write a model folder; every file appears whole or not at all (staged, then renamed).
+
+    ``encrypt``: the weights and the tokenizer are stored AES-256-GCM encrypted with the key of
+    ``LLM_RAY_ENCRYPTION_KEY(_FILE)`` (``llm_ray.encryption``); config.json says so (and the
+    key's fingerprint), and ``load_bundle`` decrypts them in memory with the same key.
 
     ``tokenizer_json`` is the tokenizer file's text (``Tokenizer.to_str()``). ``quantization``
     (``{"scheme": "int8" | "int4", "group_size": 64}``) stores the matrices as integers with
@@ -189,12 +218,16 @@ def save_bundle(
             save_model(model, os.path.join(staging, WEIGHTS))  # tied weights stored once
         os.chmod(os.path.join(staging, WEIGHTS), 0o644)  # safetensors writes 0600; a model folder is meant to be shared
         config = {"format": "llm_ray", "model": dataclasses.asdict(cfg), **(provenance or {}), **extra}
-        files = {CONFIG: json.dumps(config, indent=2), TOKENIZER: tokenizer_json}
+        files = {TOKENIZER: tokenizer_json}
         if tokenizer_config:
             files[TOKENIZER_CONFIG] = json.dumps(tokenizer_config, indent=2)
         for name, text in files.items():
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 f.write(text)
+        if encrypt:
+            config["encryption"] = _seal(staging, (WEIGHTS, TOKENIZER))
+        with open(os.path.join(staging, CONFIG), "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2))
         # Weights first, config last: a folder with config.json has everything it names.
         for name in (WEIGHTS, TOKENIZER, *([TOKENIZER_CONFIG] if tokenizer_config else []), CONFIG):
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))

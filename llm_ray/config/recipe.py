@@ -244,6 +244,8 @@ class CheckpointConfig:
     every_steps: int = 25  # also at the last step
     keep: int = 2  # newest checkpoints kept in storage
     resume: bool = True  # resume from the latest checkpoint of run.storage_path/run.name
+    # AES-256-GCM on every checkpoint file, the key from LLM_RAY_ENCRYPTION_KEY(_FILE): never here
+    encrypt: bool = False
 
     def __post_init__(self):
         _check(self.every_steps >= 1, "every_steps", "must be >= 1")

@@ -11,6 +11,7 @@ DeepSpeed or file formats beyond safetensors.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,6 +37,18 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return getattr(model, "backbone", model)
 
 
+def load_weights_bytes(model: nn.Module, data: bytes, device: str = "cpu") -> None:
+    """Load a safetensors file's bytes into ``model`` strictly; a tied weight, stored once, may
+    be missing under its alias (as ``safetensors.torch.load_model`` allows)."""
+    from safetensors.torch import load
+
+    state = {k: v.to(device) for k, v in load(data).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise KeyError(f"weights do not match the model: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+
+
 @dataclass
 class LoadWeights(ModelConverter):
     """Load a ``model.safetensors`` into the (backbone of the) built model, strictly."""
@@ -45,7 +58,14 @@ class LoadWeights(ModelConverter):
     def convert(self, model: nn.Module) -> nn.Module:
         from safetensors.torch import load_model
 
-        load_model(backbone_of(model), self.path, strict=True)
+        from llm_ray.encryption import MAGIC, read_maybe_encrypted
+
+        with open(self.path, "rb") as f:
+            sealed = f.read(len(MAGIC)) == MAGIC
+        if sealed:  # an encrypted model folder's weights: decrypted in memory (the worker's key)
+            load_weights_bytes(backbone_of(model), read_maybe_encrypted(self.path, os.path.basename(self.path)))
+        else:
+            load_model(backbone_of(model), self.path, strict=True)
         return model
 
 

@@ -60,18 +60,27 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, state: TrainState, manifest: dict, metrics: dict, rank: int, run: Storage) -> str:
-    """Save on every rank and report to Ray Train; returns the checkpoint's storage URI."""
+def save_checkpoint(engine, state: TrainState, manifest: dict, metrics: dict, rank: int, run: Storage,
+                    encrypt: bool = False) -> str:
+    """Save on every rank and report to Ray Train; returns the checkpoint's storage URI.
+    ``encrypt``: every rank encrypts its files before they leave it (``llm_ray.encryption``);
+    the manifest stays readable (shapes and hashes, no weights) and says so."""
     import ray.train
+
+    from llm_ray.encryption import encrypt_tree, key_fingerprint, load_key
 
     name = checkpoint_dir_name(state.step)
     with tempfile.TemporaryDirectory(prefix="llm-ray-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=name, client_state={"train_state": asdict(state)})
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+        key = load_key() if encrypt else None
+        if key is not None:
+            encrypt_tree(tmp, key)
         if rank == 0:
+            sealed = {"encrypted": True, "key_fingerprint": key_fingerprint(key)} if key is not None else {}
             with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump({**manifest, "tag": name, "train_state": asdict(state)}, f, indent=2)
+                json.dump({**manifest, "tag": name, "train_state": asdict(state), **sealed}, f, indent=2)
         dist.barrier()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
     dist.barrier()  # every rank's files are uploaded once all have returned from report
@@ -81,10 +90,12 @@ def save_checkpoint(engine, state: TrainState, manifest: dict, metrics: dict, ra
 
 
 def restore_checkpoint(engine, checkpoint, rank: int, expect: dict) -> TrainState:
-    """Load model, optimizer, scheduler, data position and this rank's RNG state."""
-    with checkpoint.as_directory() as d:
-        with open(os.path.join(d, MANIFEST)) as f:
+    """Load model, optimizer, scheduler, data position and this rank's RNG state (an encrypted
+    checkpoint is decrypted into a private temporary folder first, every file authenticated)."""
+    with checkpoint.as_directory() as stored, tempfile.TemporaryDirectory(prefix="llm-ray-restore-") as plain:
+        with open(os.path.join(stored, MANIFEST)) as f:
             manifest = json.load(f)
+        d = decrypted_checkpoint(stored, manifest, plain)
         for key, want in expect.items():
             have = manifest.get(key)
             if key == "model" and have is not None:
@@ -101,6 +112,21 @@ def restore_checkpoint(engine, checkpoint, rank: int, expect: dict) -> TrainStat
         if os.path.exists(rng_file):  # absent when the world size changed: RNG then starts anew
             _set_rng_state(torch.load(rng_file, weights_only=False))
     return TrainState(**client_state["train_state"])
+
+
+def decrypted_checkpoint(folder: str, manifest: dict, scratch: str) -> str:
+    """``folder`` itself, or for an encrypted checkpoint its decrypted copy under ``scratch``;
+    EncryptionError naming the file that fails authentication, or the key that does not match."""
+    if not manifest.get("encrypted"):
+        return folder
+    from llm_ray.encryption import EncryptionError, decrypted_copy, key_fingerprint, load_key
+
+    key = load_key()
+    if key_fingerprint(key) != manifest.get("key_fingerprint"):
+        raise EncryptionError(f"{folder} was encrypted with another key (fingerprint {manifest.get('key_fingerprint')}, "
+                              f"this key's {key_fingerprint(key)})")
+    decrypted_copy(folder, scratch, key)
+    return scratch
 
 
 def latest_complete_checkpoint(run: Storage) -> Optional[Storage]:

@@ -20,7 +20,7 @@ from llm_ray.bundle import WEIGHTS, load_bundle, save_bundle
 from llm_ray.config import ModelConfig, from_dict
 from llm_ray.stage import StageResult, write_summary
 from llm_ray.storage import Storage, resolve_storage
-from llm_ray.train.checkpointing import MANIFEST, latest_complete_checkpoint
+from llm_ray.train.checkpointing import MANIFEST, decrypted_checkpoint, latest_complete_checkpoint
 
 
 def _locate(uri: str, s3_endpoint: Optional[str]) -> tuple[Storage, Storage]:
@@ -94,12 +94,15 @@ def load_checkpoint_state(uri: str, s3_endpoint: Optional[str] = None) -> tuple[
             run.download_dir(posixpath.basename(ckpt.root), local)
         with open(os.path.join(local, MANIFEST)) as f:
             manifest = json.load(f)
+        local = decrypted_checkpoint(local, manifest, os.path.join(tmp, "plain"))
         cfg = from_dict(ModelConfig, manifest["model"])
         state = checkpoint_state_dict(local, manifest, cfg)
     return state, manifest, run, ckpt
 
 
-def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> StageResult:
+def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None, encrypt: bool = False) -> StageResult:
+    """The run's latest complete checkpoint (decrypted if it is encrypted) as a model folder,
+    its weights and tokenizer encrypted too with ``encrypt``."""
     from llm_ray.models import build_model, count_params
 
     state, manifest, run, ckpt = load_checkpoint_state(uri, s3_endpoint)
@@ -111,7 +114,7 @@ def export_model(uri: str, out_dir: str, s3_endpoint: Optional[str] = None) -> S
         "source_checkpoint": ckpt.uri,
         "step": manifest["train_state"]["step"],
     }
-    save_bundle(model, cfg, run.read_text("tokenizer.json"), out_dir, provenance)
+    save_bundle(model, cfg, run.read_text("tokenizer.json"), out_dir, provenance, encrypt=encrypt)
     summary = {
         "out_dir": os.path.abspath(out_dir),
         "source_checkpoint": ckpt.uri,

@@ -146,6 +146,7 @@ def pretrain_job(recipe: Recipe) -> tuple["TrainJob", Storage, Storage]:
             "model.vocab_size", f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()}"
         )
     check_resumable(run, dataclasses.asdict(model_cfg), tokenizer)
+    check_encryption_key(recipe)
     ensure_ray()
     from llm_ray.models.converters import ModelSpec
     from llm_ray.train.objective import PRETRAINING
@@ -214,15 +215,46 @@ def build_trainer(job: TrainJob, storage: Storage, run: Storage):
             storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=recipe.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.checkpoint.keep),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if job.use_gpu else "cpu"}},
+            worker_runtime_env={"env_vars": worker_env(job.use_gpu)},
         ),
     )
+
+
+def worker_env(use_gpu: bool) -> dict:
+    """Environment of the training workers: the DeepSpeed accelerator and, where set, the path of
+    the encryption key file (a path, not a secret; the key itself is never put in a runtime env,
+    which the dashboard shows: set LLM_RAY_ENCRYPTION_KEY on the nodes, e.g. from a Secret)."""
+    from llm_ray.encryption import KEY_FILE_ENV
+
+    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+    if os.environ.get(KEY_FILE_ENV):
+        env[KEY_FILE_ENV] = os.path.abspath(os.environ[KEY_FILE_ENV])
+    return env
+
+
+def check_encryption_key(recipe: Recipe) -> None:
+    """``checkpoint.encrypt`` without a usable key is the recipe's error, before Ray starts."""
+    if recipe.checkpoint.encrypt:
+        from llm_ray.encryption import EncryptionError, load_key
+
+        try:
+            load_key()
+        except EncryptionError as e:
+            raise RecipeError("checkpoint.encrypt", str(e)) from None
 
 
 def run_trainer(trainer, job: TrainJob, run: Storage) -> dict:
     """Fit a trainer from ``build_trainer`` and write the run's ``summary.json``."""
     started = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # a worker that could not decrypt its checkpoint: one line, by name
+        from llm_ray.encryption import encryption_failure
+
+        refused = encryption_failure(e)
+        if refused is None:
+            raise
+        raise refused from None
     metrics = dict(result.metrics or {})
     keys = ("initial_loss", "final_loss", "steps", "tokens_per_s", "mfu", "peak_tflops", "precision", "stopped_early")
     summary = {
@@ -247,5 +279,6 @@ def fit(job: TrainJob, storage: Storage, run: Storage) -> dict:
     stage's objective when the recipe asks for it)."""
     from llm_ray.train.dp import private
 
+    check_encryption_key(job.recipe)
     job = dataclasses.replace(job, objective=private(job.objective, job.recipe, job.source))
     return run_trainer(build_trainer(job, storage, run), job, run)

@@ -228,7 +228,7 @@ def train_worker(config: dict) -> None:
             }
             if logger:
                 logger.sync()
-            save_checkpoint(engine, state, manifest, metrics, rank, run)
+            save_checkpoint(engine, state, manifest, metrics, rank, run, encrypt=recipe.checkpoint.encrypt)
         if step == recipe.run.stop_at_step:
             break
     if logger:
