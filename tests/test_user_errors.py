@@ -123,3 +123,15 @@ def test_preference_stages_refuse_bad_input_before_ray(tmp_path, tiny_model_dir,
         refused(tmp_path, "align.dpo.reference", *ok, "align.dpo.reference=adapters_off", recipe=recipe, stage=stage)
         refused(tmp_path, "align.dpo.label_smoothing", *ok, "align.dpo.loss=ipo", "align.dpo.label_smoothing=0.1",
                 recipe=recipe, stage=stage)
+
+
+def test_encrypted_checkpoints_without_a_key(tmp_path, base, monkeypatch):
+    monkeypatch.delenv("LLM_RAY_ENCRYPTION_KEY", raising=False)
+    monkeypatch.delenv("LLM_RAY_ENCRYPTION_KEY_FILE", raising=False)
+    line = refused(tmp_path, "checkpoint.encrypt", *base, "checkpoint.encrypt=true")
+    assert "LLM_RAY_ENCRYPTION_KEY" in line
+
+
+def test_dp_sgd_with_zero3(tmp_path, base):
+    refused(tmp_path, "parallel.zero_stage", *base, "privacy.dp.enabled=true", "privacy.dp.noise_multiplier=1.0",
+            "optim.grad_clip=0", "parallel.zero_stage=3")
