@@ -1,14 +1,18 @@
 """Serving: real Ray Serve, real HTTP, a tiny random decoder (seconds to load).
 
-One Serve instance for the module with two applications: ``/main`` (API keys on, batch 32)
-and ``/small`` (one batch slot, one queue place: overload on purpose; it serves an int8
-quantized copy of the model folder run on int8 matmuls, ``llm-ray compress``'s int8_dynamic output).
+One Serve instance for the module, over HTTPS with a test CA made here, with three
+applications: ``/main`` (API keys on, batch 32), ``/small`` (one batch slot, one queue place:
+overload on purpose; it serves an int8 quantized copy of the model folder run on int8 matmuls,
+``llm-ray compress``'s int8_dynamic output) and ``/limited`` (a key stored only as its sha256,
+3 requests a minute).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +25,7 @@ from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-1"
+LIMITED_KEY = "test-key-limited"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -80,23 +85,60 @@ def int8_dir(bundle, tiny_dir):
                        quantization={"scheme": "int8", "activations": "int8_dynamic"})
 
 
+def make_test_ca(folder: Path) -> dict:
+    """A test CA and a server certificate for 127.0.0.1 / localhost signed by it (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llm-ray test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False).sign(ca_key, hashes.SHA256()))
+    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return {k: str(v) for k, v in paths.items()}
+
+
+TLS: dict = {}  # the module's test CA, filled by the server fixture
+
+
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_dir, int8_dir):
-    """Base URLs of the two applications on one Serve HTTP proxy."""
+def server(ray_cluster, tiny_dir, int8_dir, tmp_path_factory):
+    """Base URLs of the three applications on one Serve proxy speaking HTTPS only."""
     from ray import serve
 
     from llm_ray.config.serve import ServeConfig
     from llm_ray.serve.app import deployment_for
 
+    TLS.update(make_test_ca(tmp_path_factory.mktemp("tls")))
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = dict(model=tiny_dir, model_name="tiny", dtype="fp32", cpus_per_replica=0, num_replicas=1)
+    tls = dict(tls_certfile=TLS["cert"], tls_keyfile=TLS["key"])
+    common = dict(model=tiny_dir, model_name="tiny", dtype="fp32", cpus_per_replica=0, num_replicas=1, port=port, host="127.0.0.1", **tls)
     main = ServeConfig(**common, api_keys=[KEY], max_batch_size=32, max_queue=64)
+    serve.start(http_options=main.http_options())
     small = ServeConfig(**{**common, "model": int8_dir}, app_name="small", max_batch_size=1, max_queue=1, max_ongoing_requests=32, retry_after_s=2)
+    limited = ServeConfig(**common, app_name="limited", api_key_sha256=[hashlib.sha256(LIMITED_KEY.encode()).hexdigest()],
+                          rate_limit_per_minute=3)
     serve.run(deployment_for(main), name="main", route_prefix="/main")
     serve.run(deployment_for(small), name="small", route_prefix="/small")
-    base = f"http://127.0.0.1:{port}"
-    yield {"main": f"{base}/main", "small": f"{base}/small"}
+    serve.run(deployment_for(limited), name="limited", route_prefix="/limited")
+    base = f"https://127.0.0.1:{port}"
+    yield {"main": f"{base}/main", "small": f"{base}/small", "limited": f"{base}/limited", "port": port}
     serve.shutdown()
 
 
@@ -107,8 +149,9 @@ def call(url: str, body=None, key: str | None = KEY, method: str | None = None):
     if key:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    context = ssl.create_default_context(cafile=TLS["ca"]) if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with urllib.request.urlopen(req, timeout=120, context=context) as r:
             return r.status, dict(r.headers), r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read().decode()
@@ -482,7 +525,8 @@ def test_the_openai_client_drives_chat_streaming_logprobs_and_n(server, bundle):
     import openai
     import torch
 
-    client = openai.OpenAI(base_url=f"{server['main']}/v1", api_key=KEY, max_retries=0)
+    ca = ssl.create_default_context(cafile=TLS["ca"])
+    client = openai.OpenAI(base_url=f"{server['main']}/v1", api_key=KEY, max_retries=0, http_client=openai.DefaultHttpxClient(verify=ca))
     messages = [{"role": "user", "content": "What is the data model?"}]
     want = reference(bundle, messages, 10)
     out = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=10, temperature=0,
@@ -602,3 +646,59 @@ def test_metrics_reach_prometheus(server, ray_cluster):
         time.sleep(2)
     missing = [name for name in want if name not in text]
     assert not missing, missing
+
+
+def test_the_endpoint_speaks_tls_only_and_clients_must_trust_its_ca(server):
+    """The openai client over https with the test CA answers; plain http on the same port and a
+    client that does not trust the CA both fail."""
+    import openai
+
+    ca = ssl.create_default_context(cafile=TLS["ca"])
+    client = openai.OpenAI(base_url=f"{server['main']}/v1", api_key=KEY, max_retries=0, http_client=openai.DefaultHttpxClient(verify=ca))
+    assert client.completions.create(model="tiny", prompt="the data", max_tokens=3, temperature=0).usage.completion_tokens == 3
+    with pytest.raises(openai.APIConnectionError):  # the system trust store does not know our CA
+        openai.OpenAI(base_url=f"{server['main']}/v1", api_key=KEY, max_retries=0).models.list()
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/main/v1/models", timeout=10)
+
+
+def test_keys_stored_hashed_and_a_per_key_rate_limit_answering_429(server):
+    """/limited holds only the sha256 of its key: that key gets in, /main's key does not; its
+    4th request within a minute is a 429 in OpenAI's shape with Retry-After."""
+    status, _, text = call(f"{server['limited']}/v1/models", key=KEY)
+    assert status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
+    for _ in range(3):
+        assert call(f"{server['limited']}/v1/models", key=LIMITED_KEY)[0] == 200
+    status, headers, text = call(f"{server['limited']}/v1/models", key=LIMITED_KEY)
+    error = json.loads(text)["error"]
+    assert status == 429 and error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    assert 0 < int(headers["retry-after"]) <= 60
+    assert call(f"{server['main']}/v1/models")[0] == 200  # another app, another key: not limited
+
+
+def test_prompts_stay_out_of_the_logs(server, ray_cluster):
+    """A request's text appears in no file of the Ray session's logs (log_prompts is off), while
+    the replica's log line for the same request (its user) is there: the search sees that log."""
+    marker, user = "zebra-quartz-7731", "user-marker-5512"
+    status, _, _ = call(f"{server['main']}/v1/completions", {"prompt": f"say {marker}", "max_tokens": 2, "user": user})
+    assert status == 200
+    logs = Path(ray_cluster._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+
+    def files_with(text: str) -> list:
+        return [p for p in logs.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+    deadline = time.monotonic() + 30
+    while not files_with(user) and time.monotonic() < deadline:  # log files are flushed asynchronously
+        time.sleep(0.5)
+    assert files_with(user), "the replica's request log line was not found"
+    assert not files_with(marker)
+
+
+def test_rate_limiter_is_a_sliding_minute_per_caller():
+    from llm_ray.serve.app import RateLimiter
+
+    r = RateLimiter(2)
+    assert r.admit("a", 0.0) == 0 and r.admit("a", 10.0) == 0
+    assert r.admit("a", 20.0) == pytest.approx(40.0)  # full: the request of t=0 leaves at t=60
+    assert r.admit("b", 20.0) == 0  # another caller has its own window
+    assert r.admit("a", 60.5) == 0 and r.admit("a", 61.0) == pytest.approx(9.0)

@@ -64,8 +64,13 @@ class ServeConfig:
     stream_interval_ms: float = 50.0  # streamed tokens within this interval go in one chunk (first token at once)
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context)
     max_request_bytes: int = 4 * 1024 * 1024  # larger request bodies are answered 413
-    api_keys: list[str] = field(default_factory=list)  # Bearer keys; empty (and no env) = open
+    api_keys: list[str] = field(default_factory=list)  # Bearer keys; empty (and no env, no hashes) = open
     api_keys_env: str = ""  # name of an env var with comma-separated keys (keeps keys out of YAML)
+    api_key_sha256: list[str] = field(default_factory=list)  # keys stored hashed (hex sha256): what a recipe should hold
+    rate_limit_per_minute: int = 0  # requests per API key (per client address when open) per replica; beyond: 429
+    tls_certfile: str = ""  # PEM certificate (chain) of the HTTPS proxy; with tls_keyfile, Serve answers https only
+    tls_keyfile: str = ""
+    log_prompts: bool = False  # prompt text in the replica's log (off: request ids and users only)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where matmuls are fast in it
     use_gpu: Optional[bool] = None  # None: a GPU per replica when the cluster has GPUs
     cpus_per_replica: float = 1.0
@@ -89,6 +94,12 @@ class ServeConfig:
         _check(self.default_max_tokens >= 1, "default_max_tokens", "must be >= 1")
         _check(self.max_request_bytes >= 1024, "max_request_bytes", "must be >= 1024")
         _check(all(isinstance(k, str) and k for k in self.api_keys), "api_keys", "must be non-empty strings")
+        _check(all(isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h.lower()) for h in self.api_key_sha256),
+               "api_key_sha256", "must be hex sha256 digests (64 characters): python3 -c \"import hashlib; print(hashlib.sha256(b'KEY').hexdigest())\"")
+        _check(self.rate_limit_per_minute >= 0, "rate_limit_per_minute", "must be >= 0 (0 = no limit)")
+        _check(bool(self.tls_certfile) == bool(self.tls_keyfile), "tls_keyfile", "TLS needs both tls_certfile and tls_keyfile")
+        for key in ("tls_certfile", "tls_keyfile"):
+            _check(not getattr(self, key) or os.path.isfile(getattr(self, key)), key, f"{getattr(self, key)} is not a file")
         _check(self.cpus_per_replica >= 0, "cpus_per_replica", "must be >= 0")
         _check(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")
 
@@ -105,6 +116,24 @@ class ServeConfig:
         if self.api_keys_env:
             keys += [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
         return keys
+
+    def api_key_hashes(self) -> list[str]:
+        """Every accepted key as its sha256 hex digest: the replica keeps only these."""
+        import hashlib
+
+        return sorted({hashlib.sha256(k.encode()).hexdigest() for k in self.resolved_api_keys()} |
+                      {h.lower() for h in self.api_key_sha256})
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile else "http"
+
+    def http_options(self) -> dict:
+        """Serve's proxy options: host, port and, with TLS, the certificate and key."""
+        opts: dict = {"host": self.host, "port": self.port}
+        if self.tls_certfile:
+            opts.update(ssl_certfile=os.path.abspath(self.tls_certfile), ssl_keyfile=os.path.abspath(self.tls_keyfile))
+        return opts
 
     def deployment_options(self) -> dict:
         """Ray Serve deployment options: replicas or autoscaling, limits, backpressure, resources."""

@@ -17,8 +17,12 @@ deadline (``request_timeout_s``: 408). Replicas scale with ``autoscaling_config`
 
 # No ``from __future__ import annotations``: FastAPI must see the real ``Request`` class in the
 # route signatures (string annotations are read as query parameters after serve.ingress).
+import collections
 import dataclasses
+import hashlib
+import hmac
 import logging
+import math
 import time
 from typing import AsyncIterator, Optional
 
@@ -86,6 +90,25 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(APIError(500, f"internal error: {exc!r}", "server_error").body(), status_code=500)
 
 
+class RateLimiter:
+    """At most ``per_minute`` requests per caller in any 60 s window (sliding log), per replica:
+    with N replicas a caller may reach N times the rate (a shared limit needs a shared store)."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute, self.seen = per_minute, {}
+
+    def admit(self, caller: str, now: float | None = None) -> float:
+        """0 when admitted (and counted), else the seconds until the oldest request leaves."""
+        now = time.monotonic() if now is None else now
+        log = self.seen.setdefault(caller, collections.deque())
+        while log and now - log[0] >= 60:
+            log.popleft()
+        if len(log) >= self.per_minute:
+            return 60 - (now - log[0])
+        log.append(now)
+        return 0.0
+
+
 @serve.deployment(name="LLMServer", health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress(api)
 class LLMServer:
@@ -115,7 +138,8 @@ class LLMServer:
         self.token_bytes = TokenBytes(bundle.tokenizer)
         self.model_name = self.cfg.served_name
         self.max_seq_len = bundle.cfg.max_seq_len
-        self.api_keys = set(self.cfg.resolved_api_keys())
+        self.key_hashes = [bytes.fromhex(h) for h in self.cfg.api_key_hashes()]  # never the keys themselves
+        self.limiter = RateLimiter(self.cfg.rate_limit_per_minute) if self.cfg.rate_limit_per_minute else None
         self.created = int(time.time())
         self._grammar_tokenizer = None  # llguidance's view of the tokenizer, built on first use
         self._grammars: dict[str, str] = {}  # compiled response_format grammars by schema
@@ -145,18 +169,28 @@ class LLMServer:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
-            raise APIError(
-                401,
-                "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                "authentication_error",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        """The caller's key checked against the stored sha256 digests in constant time (every
+        digest compared, no early exit), then its rate limit; 401 or 429 in OpenAI's shape."""
+        caller = request.client.host if request.client else "?"
+        if self.key_hashes:
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            digest = hashlib.sha256(key.strip().encode()).digest()
+            matches = [hmac.compare_digest(digest, h) for h in self.key_hashes]
+            if scheme.lower() != "bearer" or not any(matches):
+                raise APIError(
+                    401,
+                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            caller = digest.hex()[:16]
+        if self.limiter is not None:
+            wait = self.limiter.admit(caller)
+            if wait > 0:
+                raise APIError(429, f"rate limit reached: {self.cfg.rate_limit_per_minute} requests per minute for this key; "
+                               f"retry in {math.ceil(wait)} s", "rate_limit_error", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(math.ceil(wait))})
 
     def _check_model(self, req) -> None:
         if req.model is not None and req.model != self.model_name:
@@ -303,6 +337,8 @@ class LLMServer:
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.user:
             logger.info("request %s from user %r", rid, req.user)
+        if self.cfg.log_prompts:  # off by default: prompts may hold personal data
+            logger.info("request %s prompt %r", rid, self.tokenizer.decode(list(prompt_ids)))
         make_processors = await self._constraint(req)
         seqs = self._submit(prompt_ids, [params.replace(seed=None if req.seed is None else req.seed + i) for i in range(req.n)], req.ignore_eos, rid, make_processors)
         streams = [TextStream(self.tokenizer, params.stop) for _ in seqs]
@@ -435,14 +471,14 @@ def build_app(args: dict):
 
 def run(cfg: ServeConfig, blocking: bool = False):
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the application."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options=cfg.http_options())
     handle = serve.run(deployment_for(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
     return handle
 
 
 def url(cfg: ServeConfig) -> str:
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    return f"{cfg.scheme}://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
 __all__ = ["LLMServer", "build_app", "deployment_for", "run", "url"]
