@@ -101,14 +101,19 @@ def encrypt_tree(folder: str, key: bytes, skip: tuple[str, ...] = ()) -> list[st
             rel = os.path.relpath(path, folder)
             if rel in skip:
                 continue
-            with open(path, "rb") as fh:
-                data = fh.read()
-            tmp = path + ".enc-tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(encrypt_bytes(data, rel, key))
-            os.replace(tmp, path)
+            encrypt_file(path, rel, key)
             done.append(rel)
     return done
+
+
+def encrypt_file(path: str, name: str, key: bytes) -> None:
+    """Replace the file at ``path`` by its encryption (``name``: its associated data)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    tmp = path + ".enc-tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(encrypt_bytes(data, name, key))
+    os.replace(tmp, path)
 
 
 def decrypted_copy(src: str, dst: str, key: bytes | None) -> int:

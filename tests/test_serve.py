@@ -1,4 +1,4 @@
-"""Serving: real Ray Serve, real HTTP, a tiny random decoder (seconds to load).
+"""Serving: real Ray Serve, real HTTPS, a tiny random decoder (seconds to load).
 
 One Serve instance for the module, over HTTPS with a test CA made here, with three
 applications: ``/main`` (API keys on, batch 32), ``/small`` (one batch slot, one queue place:
@@ -19,9 +19,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import free_port
+from tests.tls_ca import make_test_ca
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-1"
@@ -85,35 +85,6 @@ def int8_dir(bundle, tiny_dir):
                        quantization={"scheme": "int8", "activations": "int8_dynamic"})
 
 
-def make_test_ca(folder: Path) -> dict:
-    """A test CA and a server certificate for 127.0.0.1 / localhost signed by it (PEM files)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llm-ray test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False).sign(ca_key, hashes.SHA256()))
-    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    return {k: str(v) for k, v in paths.items()}
-
-
 TLS: dict = {}  # the module's test CA, filled by the server fixture
 
 
@@ -174,73 +145,6 @@ def reference(bundle, prompt, max_new: int):
 
 def encode(bundle, text: str) -> list[int]:
     return bundle.tokenizer.encode(text).ids
-
-
-# -- config and schema (no Ray) ------------------------------------------------------------------
-def test_serve_config_file_validates_against_ray_serve_schema():
-    from ray.serve.schema import ServeDeploySchema
-
-    from llm_ray.config.loader import from_dict
-    from llm_ray.config.serve import ServeConfig, load_serve_config
-
-    raw = yaml.safe_load((REPO / "jobs" / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw)
-    app = schema.applications[0]
-    assert app.import_path == "llm_ray.serve.app:build_app"
-    cfg = from_dict(ServeConfig, app.args, "serve")  # the builder's args are a valid serve section
-    assert cfg.model == "smollm2" and cfg.num_replicas is None and cfg.autoscaling.max_replicas == 4
-    # The RayService manifest carries the same application.
-    service = yaml.safe_load((REPO / "k8s" / "rayservice-smollm2.yaml").read_text())
-    assert ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"])).applications[0].args == app.args
-    # Options Serve gets from the recipe pass Serve's own deployment schema.
-    from ray.serve.schema import DeploymentSchema
-
-    recipe = load_serve_config(str(REPO / "jobs" / "recipes" / "serve-smollm2.yaml"))
-    DeploymentSchema.model_validate({"name": "LLMServer", **recipe.deployment_options()})
-    assert recipe.deployment_options()["autoscaling_config"]["target_ongoing_requests"] == 16
-    # What `serve deploy` calls: the builder accepts the args, or a recipe path plus overrides.
-    from ray.serve import Application
-
-    from llm_ray.serve.app import build_app
-
-    assert isinstance(build_app(app.args), Application)
-    assert isinstance(build_app({"recipe": str(REPO / "jobs" / "recipes" / "serve-smollm2.yaml"), "max_batch_size": 8}), Application)
-
-
-@pytest.mark.parametrize(
-    "override, key",
-    [
-        ("serve.max_batch_size=0", "serve.max_batch_size"),
-        ("serve.autoscaling.max_replicas=0", "serve.autoscaling.max_replicas"),
-        ("serve.route_prefix=v1", "serve.route_prefix"),
-        ("serve.dtype=fp8", "serve.dtype"),
-        ("serve.max_batchsize=4", "serve.max_batchsize"),
-    ],
-)
-def test_bad_serve_recipe_names_the_key(override, key):
-    from llm_ray.config import RecipeError
-    from llm_ray.config.serve import load_serve_config
-
-    with pytest.raises(RecipeError) as e:
-        load_serve_config(str(REPO / "jobs" / "recipes" / "serve-smollm2.yaml"), [override])
-    assert e.value.key == key
-
-
-def test_fastapi_validation_errors_answer_422_in_the_openai_shape():
-    """Our routes parse bodies themselves and answer 400 as OpenAI does; a validation error
-    FastAPI raises itself (a typed parameter) still answers in OpenAI's shape, naming the field."""
-    import asyncio
-
-    from fastapi.exceptions import RequestValidationError
-
-    from llm_ray.serve.app import _validation_error
-
-    exc = RequestValidationError([{"loc": ("body", "messages", 0, "content"), "msg": "Field required", "type": "missing"}])
-    resp = asyncio.run(_validation_error(None, exc))
-    body = json.loads(resp.body)
-    assert resp.status_code == 422
-    assert body["error"]["param"] == "messages.0.content" and "Field required" in body["error"]["message"]
-    assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
 def test_engine_deadline_aborts_the_sequence_and_frees_its_row(bundle):
@@ -693,12 +597,3 @@ def test_prompts_stay_out_of_the_logs(server, ray_cluster):
     assert files_with(user), "the replica's request log line was not found"
     assert not files_with(marker)
 
-
-def test_rate_limiter_is_a_sliding_minute_per_caller():
-    from llm_ray.serve.app import RateLimiter
-
-    r = RateLimiter(2)
-    assert r.admit("a", 0.0) == 0 and r.admit("a", 10.0) == 0
-    assert r.admit("a", 20.0) == pytest.approx(40.0)  # full: the request of t=0 leaves at t=60
-    assert r.admit("b", 20.0) == 0  # another caller has its own window
-    assert r.admit("a", 60.5) == 0 and r.admit("a", 61.0) == pytest.approx(9.0)

@@ -147,15 +147,11 @@ def _dequantized(weights: str, meta: dict, device: str, sealed: bool = False) ->
 
 def _seal(folder: str, names: tuple[str, ...]) -> dict:
     """Encrypt ``names`` in ``folder`` in place; config.json's ``encryption`` entry."""
-    from llm_ray.encryption import encrypt_bytes, key_fingerprint, load_key
+    from llm_ray.encryption import encrypt_file, key_fingerprint, load_key
 
     key = load_key()
     for name in names:
-        path = os.path.join(folder, name)
-        with open(path, "rb") as f:
-            data = f.read()
-        with open(path, "wb") as f:
-            f.write(encrypt_bytes(data, name, key))
+        encrypt_file(os.path.join(folder, name), name, key)
     return {"scheme": "aes-256-gcm", "files": list(names), "key_fingerprint": key_fingerprint(key)}
 
 

@@ -66,7 +66,8 @@ def head_plan(cfg, sparsity: float, unit: str) -> int:
     return remove
 
 
-def _rows(heads: list[int], hd: int) -> torch.Tensor:
+def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
+    """Indices of the ``hd`` rows (of q/k/v) or columns (of o) each head in ``heads`` owns."""
     return torch.tensor([h * hd + j for h in heads for j in range(hd)])
 
 
@@ -81,7 +82,7 @@ def prune_heads(model: torch.nn.Module, cfg, remove: int, unit: str, scores: lis
         layer, proj = int(name.split(".")[1]), name.rsplit(".", 2)[-2]  # layers.<i>.attn.<proj>.weight|bias
         q_kept, kv_kept = plans[layer]
         if proj == "o_proj":  # its inputs are the heads' outputs; its bias (d_model) is unchanged
-            return src[:, _rows(q_kept, hd)]
-        return src[_rows(q_kept if proj == "q_proj" else kv_kept, hd)]
+            return src[:, _head_rows(q_kept, hd)]
+        return src[_head_rows(q_kept if proj == "q_proj" else kv_kept, hd)]
 
     return sliced_copy(model, new_cfg, cut), new_cfg, [q for q, _ in plans]

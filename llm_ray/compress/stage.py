@@ -112,24 +112,14 @@ def ratios(before: dict, after: dict) -> dict:
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def compress_stage(spec, out_dir: str) -> StageResult:
-    from llm_ray.bundle import load_bundle
-    from llm_ray.bundle.folder import resolve_model_path
-    from llm_ray.compress.measure import measure
+def check_against_model(original, spec) -> None:
+    """What the spec asks that this model cannot take, refused naming the key before anything
+    is measured (as a missing text file is)."""
     from llm_ray.config import RecipeError
 
-    started = time.time()
-    for key in ("eval_text", "calibration_text"):
-        if getattr(spec, key) and not os.path.isfile(getattr(spec, key)):
-            raise RecipeError(key, f"{getattr(spec, key)} is not a file")
-    try:
-        resolve_model_path(spec.model)
-    except FileNotFoundError as e:
-        raise RecipeError("model", str(e)) from None
-    original = load_bundle(spec.model)
     if spec.method == "prune_ffn" and original.cfg.moe.enabled:
         raise RecipeError("method", "prune_ffn needs dense FFNs; this model has mixture-of-experts layers")
-    if spec.calibration_shards:  # refused before anything is measured, as a bad text path is
+    if spec.calibration_shards:
         from llm_ray.compress.prune import check_calibration_shards
         from llm_ray.storage import resolve_storage
 
@@ -152,6 +142,24 @@ def compress_stage(spec, out_dir: str) -> StageResult:
             head_plan(original.cfg, spec.sparsity, spec.head_unit)
         except ValueError as e:
             raise RecipeError("sparsity", str(e)) from None
+
+
+def compress_stage(spec, out_dir: str) -> StageResult:
+    from llm_ray.bundle import load_bundle
+    from llm_ray.bundle.folder import resolve_model_path
+    from llm_ray.compress.measure import measure
+    from llm_ray.config import RecipeError
+
+    started = time.time()
+    for key in ("eval_text", "calibration_text"):
+        if getattr(spec, key) and not os.path.isfile(getattr(spec, key)):
+            raise RecipeError(key, f"{getattr(spec, key)} is not a file")
+    try:
+        resolve_model_path(spec.model)
+    except FileNotFoundError as e:
+        raise RecipeError("model", str(e)) from None
+    original = load_bundle(spec.model)
+    check_against_model(original, spec)
     before = measure(original, spec)
     folder, extra = compressed_folder(original, spec, out_dir)
     compressed = load_bundle(folder)

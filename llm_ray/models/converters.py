@@ -37,6 +37,11 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return getattr(model, "backbone", model)
 
 
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Parameter names that alias another's tensor (a tied LM head): stored once, may be missing."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+
+
 def load_weights_bytes(model: nn.Module, data: bytes, device: str = "cpu") -> None:
     """Load a safetensors file's bytes into ``model`` strictly; a tied weight, stored once, may
     be missing under its alias (as ``safetensors.torch.load_model`` allows)."""
@@ -44,7 +49,7 @@ def load_weights_bytes(model: nn.Module, data: bytes, device: str = "cpu") -> No
 
     state = {k: v.to(device) for k, v in load(data).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    tied = tied_aliases(model)
     if unexpected or set(missing) - tied:
         raise KeyError(f"weights do not match the model: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
 
@@ -91,7 +96,7 @@ class LayersFrom(LoadWeights):
             if key in source:
                 state[name] = source[key]
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        tied = tied_aliases(model)
         if [m for m in missing if m not in tied] or unexpected:
             raise KeyError(f"LayersFrom {self.path}: missing {[m for m in missing if m not in tied][:5]}")
         return model
