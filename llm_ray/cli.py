@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="tokenizer.json to write")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("export", help="consolidate a run's latest checkpoint into safetensors + config + tokenizer")
+    p = sub.add_parser("export", help="consolidate a run's latest checkpoint into safetensors + config + tokenizer (--encrypt: sealed)")
     p.add_argument("run", help="run folder (storage_path/name) or one of its checkpoint_* folders; local or s3://")
     p.add_argument("--out", required=True)
     p.add_argument("--s3-endpoint", default=None)
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.json, report.md, summary.json")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compress", help="quantize or prune a model folder (SPEC --out DIR), or sweep methods with Ray Tune (sweep SPEC)")
+    p = sub.add_parser("compress", help="quantize, prune or distill a model folder (SPEC --out DIR), or sweep methods with Ray Tune (sweep SPEC)")
     p.add_argument("spec", help="YAML compress spec (jobs/recipes/compress-*.yaml), or 'sweep'")
     p.add_argument("sweep_spec", nargs="?", help="after 'sweep': the sweep spec (a compress spec with a sweep section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method=int4, sweep.name=s2")

@@ -1,9 +1,9 @@
 """``llm-ray compress``: model changes that make a model folder smaller or faster, each judged
-by held-out perplexity and tokens/s against the original in the same run.
+by held-out perplexity, next-token accuracy and tokens/s against the original in the same run.
 
-Built: stored-weight quantization (int8 per row, int4 per group, bf16 / fp16 casts:
-``models/quant.py``), written as a model folder every later stage loads (``load_bundle``
-dequantizes it); FFN channel pruning that shrinks the matrices and unstructured pruning
-(magnitude, Wanda, N:M) in ``prune.py``. Head pruning, distillation and the Ray Tune sweep are
-issue 13's next parts.
+Stored-weight quantization (int8 per row, int8 with int8 activations, int4 per group, bf16 /
+fp16: ``models/quant.py``) and quantization-aware training; FFN channel and attention-head
+pruning that shrink the matrices (``prune.py``, ``heads.py``) and unstructured pruning
+(magnitude, Wanda, N:M); distillation into a shallower or narrower student (``distill.py``);
+``llm-ray compress sweep``, a Ray Tune grid over all of them with its Pareto front (``sweep.py``).
 """
