@@ -111,6 +111,17 @@ def cmd_eval(args) -> None:
     _print_result(eval_stage(spec, args.out))
 
 
+def cmd_redteam(args) -> None:
+    from llm_ray.config.redteam import load_redteam_spec
+    from llm_ray.privacy.redteam import RedteamError, redteam_stage
+
+    spec = load_redteam_spec(args.spec, args.set)  # validated before the model loads or a request goes out
+    try:
+        _print_result(redteam_stage(spec, args.out))
+    except RedteamError as e:  # unreachable endpoint, refused key: one line
+        raise SystemExit(f"llm-ray redteam: {e}") from None
+
+
 def cmd_compress(args) -> None:
     from llm_ray.config import RecipeError
 
@@ -129,6 +140,14 @@ def cmd_compress(args) -> None:
         raise RecipeError("", "llm-ray compress SPEC needs --out DIR")
     spec = load_compress_spec(args.spec, args.set)  # validated before the model loads
     _print_result(compress_stage(spec, args.out))
+
+
+def cmd_canary(args) -> None:
+    from llm_ray.config.canary import load_canary_spec
+    from llm_ray.privacy.canary import canary_stage
+
+    spec = load_canary_spec(args.spec, args.set)  # validated before any Ray work (the arms' recipes too, in the stage)
+    _print_result(canary_stage(spec, args.out))
 
 
 def cmd_demo(args) -> None:
@@ -167,6 +186,12 @@ def cmd_ppo(args) -> None:
     _print_result(ppo(_recipe(args)))
 
 
+def cmd_federated(args) -> None:
+    from llm_ray.privacy.federated import federated
+
+    _print_result(federated(_recipe(args)))  # the recipe is checked before any Ray work starts
+
+
 def cmd_bench_ppo(args) -> None:
     from llm_ray.bench.ppo import bench_ppo
 
@@ -188,7 +213,8 @@ def cmd_bench_dpo(args) -> None:
 def cmd_bench_privacy(args) -> None:
     from llm_ray.bench.privacy import bench_privacy
 
-    bench_privacy(args.recipe, args.set, steps=args.steps)
+    bench_privacy(args.recipe, args.set, steps=args.steps, parts=tuple(args.parts.split(",")),
+                  federated_recipe=args.federated, rounds=args.rounds)
 
 
 def cmd_bench_data(args) -> None:
@@ -278,12 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.json, report.md, summary.json")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("redteam", help="jailbreak, prompt-injection, PII-extraction and toxicity prompts against a model folder or an OpenAI-compatible endpoint, scored by rules")
+    p.add_argument("spec", help="YAML red-team spec (jobs/recipes/redteam-*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. target.model=models/tiny, limit_per_category=2")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md, responses.jsonl, summary.json")
+    p.set_defaults(func=cmd_redteam)
+
     p = sub.add_parser("compress", help="quantize, prune or distill a model folder (SPEC --out DIR), or sweep methods with Ray Tune (sweep SPEC)")
     p.add_argument("spec", help="YAML compress spec (jobs/recipes/compress-*.yaml), or 'sweep'")
     p.add_argument("sweep_spec", nargs="?", help="after 'sweep': the sweep spec (a compress spec with a sweep section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method=int4, sweep.name=s2")
     p.add_argument("--out", help="SPEC: folder for the compressed model folder and summary.json")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("canary", help="canary exposure: secrets planted into a corpus, trained plain / DP-SGD / PII-scrubbed, exposure per arm")
+    p.add_argument("spec", help="YAML canary spec (jobs/recipes/canary-*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. arms=[plain,dp], canaries.repeats=[1,8]")
+    p.add_argument("--out", required=True, help="folder for the planted corpus, the runs and models, summary.json, report.md")
+    p.set_defaults(func=cmd_canary)
 
     p = sub.add_parser("demo", help="tokenizer -> pretrain -> resume -> export -> sample, on local Ray and CPU")
     p.add_argument("--out", default="runs/demo")
@@ -305,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_recipe(p)
     p.set_defaults(func=cmd_ppo)
 
+    p = sub.add_parser("federated", help="federated training: client actors with private shards, FedAvg/FedProx, secure aggregation, client DP")
+    with_recipe(p)
+    p.set_defaults(func=cmd_federated)
+
     p = sub.add_parser("bench", help="benchmarks (not tests): same-run ratios against a named baseline")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     b = bsub.add_parser("train", help="engine (Ray Train + DeepSpeed, 1 worker) vs a bare PyTorch loop")
@@ -316,10 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. finetune.init_from=smollm2")
     b.add_argument("--steps", type=int, default=10)
     b.set_defaults(func=cmd_bench_dpo)
-    b = bsub.add_parser("privacy", help="DP-SGD step time vs the same non-private step (one recipe, same run)")
+    b = bsub.add_parser("privacy", help="DP-SGD step vs the same non-private step; secure-aggregation round vs plain FedAvg (same run)")
     b.add_argument("recipe", nargs="?", default="jobs/recipes/dp-tiny.yaml", help="a recipe with privacy.dp")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. parallel.num_workers=1")
     b.add_argument("--steps", type=int, default=12)
+    b.add_argument("--parts", default="dp,secagg", help="dp (DP-SGD step) and/or secagg (secure aggregation round)")
+    b.add_argument("--federated", default="jobs/recipes/federated-tiny.yaml", help="federated recipe for the secagg part")
+    b.add_argument("--rounds", type=int, default=4, help="rounds of each federated run (the first is left out)")
     b.set_defaults(func=cmd_bench_privacy)
     b = bsub.add_parser("ppo", help="one RL run: samples/s, each phase's share, rollout pool vs the engine alone")
     b.add_argument("recipe", nargs="?", default="jobs/recipes/grpo-tiny.yaml", help="ppo recipe")

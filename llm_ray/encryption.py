@@ -62,6 +62,14 @@ def load_key(required: bool = True) -> bytes | None:
     return None
 
 
+def key_file_env() -> dict:
+    """Environment for Ray workers that must read or write sealed files: the key file's absolute
+    path when ``LLM_RAY_ENCRYPTION_KEY_FILE`` is set. Never the key itself: a runtime env is shown
+    by the dashboard; ``LLM_RAY_ENCRYPTION_KEY`` must be set on the nodes (e.g. from a Secret)."""
+    path = os.environ.get(KEY_FILE_ENV)
+    return {KEY_FILE_ENV: os.path.abspath(path)} if path else {}
+
+
 def key_fingerprint(key: bytes) -> str:
     return hmac.new(key, b"llm-ray key fingerprint", hashlib.sha256).hexdigest()[:16]
 

@@ -24,8 +24,10 @@ def test_import_config_needs_no_torch_or_ray():
 def _loader(path: Path):
     """Each shipped YAML by its kind (file-name prefix): eval specs and serve configs are not
     training recipes but must validate just the same."""
+    from llm_ray.config.canary import CanarySpec, load_canary_spec
     from llm_ray.config.compress import CompressSpec, load_compress_spec, load_sweep_spec
     from llm_ray.config.eval import EvalSpec, load_eval_spec
+    from llm_ray.config.redteam import RedteamSpec, load_redteam_spec
     from llm_ray.config.serve import ServeConfig, load_serve_config
 
     if path.name.startswith("compress-sweep-"):
@@ -36,6 +38,10 @@ def _loader(path: Path):
         return load_eval_spec, EvalSpec
     if path.name.startswith("serve-"):
         return load_serve_config, ServeConfig
+    if path.name.startswith("canary-"):
+        return load_canary_spec, CanarySpec
+    if path.name.startswith("redteam-"):
+        return load_redteam_spec, RedteamSpec
     return load_recipe, Recipe
 
 

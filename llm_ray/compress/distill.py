@@ -133,14 +133,14 @@ def trained_against_teacher(teacher, spec, out_dir: str, student_cfg, init: list
     from llm_ray.bundle import TOKENIZER_CONFIG, save_bundle
     from llm_ray.config import load_recipe
     from llm_ray.models.converters import LoadWeights
-    from llm_ray.storage import resolve_storage
+    from llm_ray.storage import resolve_storage, sse_of
     from llm_ray.train import tuning
     from llm_ray.train.launcher import prepare_source
 
     recipe = load_recipe(spec.train_recipe, [f"data.tokenizer.path={teacher.path}/tokenizer.json",
                                              "data.tokenizer.train_if_missing=false", *spec.train_set])
     recipe = dataclasses.replace(recipe, model=student_cfg)  # the engine trains the student's shape
-    storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint)
+    storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint, sse_of(recipe.run))
     run = storage.child(recipe.run.name)
     tuned = tuning.TunedRun(recipe, teacher.path, teacher, storage, run, out_dir)
     _, source = prepare_source(recipe, run)

@@ -81,21 +81,23 @@ def calibration_ids(tokenizer, path: str, n_tokens: int, seq_len: int) -> torch.
 def shard_calibration_ids(dataset, tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
     """(N, seq_len) token ids: the first ``n_tokens`` tokens of a prepared dataset (``llm-ray
     data prepare``'s shards, local or s3://, in manifest order), checked to be packed with the
-    model's tokenizer."""
-    from llm_ray.data.shards import read_shard
+    model's tokenizer; sealed shards are decrypted in memory."""
+    from llm_ray.data.shards import read_shard, shard_key
 
     manifest = check_calibration_shards(dataset, tokenizer)
+    key = shard_key(manifest, dataset.uri)
     ids: list[int] = []
     for shard in manifest["shards"]:
-        ids += read_shard(dataset, shard["name"]).reshape(-1).tolist()
+        ids += read_shard(dataset, shard["name"], key).reshape(-1).tolist()
         if len(ids) >= n_tokens:
             break
     return _rows(ids[:n_tokens], seq_len, dataset.uri)
 
 
 def check_calibration_shards(dataset, tokenizer) -> dict:
-    """The dataset's manifest; ValueError when there is none or its tokenizer is not the model's."""
-    from llm_ray.data.shards import read_manifest
+    """The dataset's manifest; ValueError when there is none or its tokenizer is not the model's,
+    EncryptionError when its shards are sealed and this process has no key (or another)."""
+    from llm_ray.data.shards import read_manifest, shard_key
     from llm_ray.data.tokenizer import tokenizer_hash
 
     manifest = read_manifest(dataset)
@@ -104,6 +106,7 @@ def check_calibration_shards(dataset, tokenizer) -> dict:
     if manifest["tokenizer_hash"] != tokenizer_hash(tokenizer):
         raise ValueError(f"{dataset.uri} was packed with another tokenizer ({manifest['tokenizer_hash']}) than the model's "
                          f"({tokenizer_hash(tokenizer)}): prepare it with data.tokenizer.path set to the model folder's tokenizer.json")
+    shard_key(manifest, dataset.uri)  # sealed and no key: refused here, before any work
     return manifest
 
 

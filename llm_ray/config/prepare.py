@@ -63,6 +63,9 @@ class PrepareConfig:
     output: str = ""  # s3://bucket/prefix or a local folder: shards/, rejects/, manifest.json
     sequences_per_shard: int = 4096
     keep_doc_boundaries: bool = False  # also store per-token document ids (attention masking)
+    # AES-256-GCM on every shard (and rejects/, which quotes raw input), the key from
+    # LLM_RAY_ENCRYPTION_KEY(_FILE): never here; the manifest stays readable and names the key's fingerprint
+    encrypt: bool = False
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     pii: PIIConfig = field(default_factory=PIIConfig)

@@ -20,7 +20,7 @@ from llm_ray.config.loader import check as _check
 from llm_ray.config.prepare import PrepareConfig
 from llm_ray.config.finetune import FinetuneConfig
 from llm_ray.config.align import AlignConfig
-from llm_ray.config.privacy import PrivacyConfig
+from llm_ray.config.privacy import FederatedConfig, PrivacyConfig
 
 
 DEFAULT_CORPUS = "jobs/data/tiny_corpus.txt"
@@ -257,6 +257,10 @@ class RunConfig:
     name: str = "run"
     storage_path: str = "runs"  # local folder or s3://bucket/prefix
     s3_endpoint: Optional[str] = None  # for every s3:// path of the recipe; default: AWS_ENDPOINT_URL
+    # server-side encryption asked of S3 for every object written (runs, checkpoints, prepared
+    # shards): AES256 (SSE-S3) or aws:kms (SSE-KMS, s3_sse_kms_key_id or the account's default key)
+    s3_sse: Optional[str] = None
+    s3_sse_kms_key_id: Optional[str] = None
     max_failures: int = 2  # worker-group restarts by Ray Train's FailureConfig
     stop_at_step: Optional[int] = None  # planned stop after this step's checkpoint (rerun resumes)
     fail_at_step: Optional[int] = None  # fault injection: rank 0 crashes once at this step
@@ -270,6 +274,8 @@ class RunConfig:
         for k in ("stop_at_step", "fail_at_step"):
             v = getattr(self, k)
             _check(v is None or v >= 1, k, "must be >= 1")
+        _check(self.s3_sse in (None, "AES256", "aws:kms"), "s3_sse", f"must be AES256 or aws:kms, got {self.s3_sse!r}")
+        _check(not self.s3_sse_kms_key_id or self.s3_sse == "aws:kms", "s3_sse_kms_key_id", "needs run.s3_sse: aws:kms")
 
 
 @dataclass
@@ -285,6 +291,7 @@ class Recipe:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # llm-ray sft, reward, dpo
     align: AlignConfig = field(default_factory=AlignConfig)  # llm-ray reward, dpo
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD
+    federated: FederatedConfig = field(default_factory=FederatedConfig)  # llm-ray federated
 
     def __post_init__(self):
         m, t, p = self.model, self.train, self.parallel

@@ -11,6 +11,11 @@
        pack, write each shard whole
     -> rejects/, tokenizer.json, summary.json, manifest.json (last)
 
+``prepare.encrypt``: each shard is sealed (AES-256-GCM, ``shards.py``) by the task that packs it,
+with the key of that worker's environment, checked against the driver's by fingerprint; the
+driver seals rejects/ (it quotes raw input). ``run.s3_sse``: every object written asks S3 for
+server-side encryption (``storage.py``).
+
 Fixed costs dominate small jobs on Ray Data: every hash shuffle starts actors (seconds each on a
 few cores), every materialization is a pipeline start. Hence two Ray Data passes and no shuffle
 at all when the dedup keys fit on the driver. Both paths give byte-identical shards.
@@ -34,10 +39,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llm_ray.config import Recipe
-from llm_ray.data.shards import PackSpec, pack_token_lists, read_manifest, shard_name, shard_of, shard_table, write_manifest, write_shard
+from llm_ray.config import Recipe, RecipeError
+from llm_ray.data.shards import (PackSpec, dataset_key, pack_token_lists, read_manifest, shard_name, shard_of, shard_table,
+                                 write_manifest, write_shard)
+from llm_ray.encryption import EncryptionError, encrypt_bytes, encryption_failure, key_file_env, key_fingerprint, load_key
 from llm_ray.stage import StageResult
-from llm_ray.storage import Storage, StorageError, list_files, resolve_storage
+from llm_ray.storage import ServerSideEncryption, Storage, StorageError, list_files, resolve_storage, sse_of
 
 CHARS_PER_TOKEN = 4.0  # rough estimate used only to choose the number of shards
 PII_COLUMNS = ("pii_email", "pii_phone", "pii_ip_address", "pii_credit_card")
@@ -54,16 +61,19 @@ DRIVER_DEDUP_MAX_INPUT_BYTES = 8 << 30
 TASK_SHUFFLE_MAX_PARTS = 20_000
 
 
-def _fingerprint(recipe: Recipe, files: list[dict], tokenizer_hash: Optional[str]) -> str:
+def _fingerprint(recipe: Recipe, files: list[dict], tokenizer_hash: Optional[str], sealed_with: Optional[str] = None) -> str:
     """What the output depends on: inputs (with sizes and mtimes/etags), the recipe sections that
-    shape shards, and the tokenizer. The same fingerprint means the same shards."""
+    shape shards, the tokenizer, and for sealed shards the key's fingerprint (another key: other
+    shards). The same fingerprint means the same shards."""
     shape = {
         "files": files,
-        "prepare": {k: v for k, v in recipe.to_dict()["prepare"].items() if k not in ("inputs", "output")},
+        "prepare": {k: v for k, v in recipe.to_dict()["prepare"].items() if k not in ("inputs", "output", "encrypt")},
         "seq_len": recipe.data.seq_len,
         "objective": recipe.train.objective,
         "tokenizer": tokenizer_hash or recipe.to_dict()["data"]["tokenizer"],
     }
+    if sealed_with:  # only then: plaintext datasets prepared before prepare.encrypt existed stay up to date
+        shape["sealed_with"] = sealed_with
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -215,38 +225,62 @@ def _block_counts(t: pa.Table) -> dict:
     return counts
 
 
-def _pack_and_write(out_uri: str, endpoint: Optional[str], spec: PackSpec, name: str, *parts: pa.Table) -> dict:
-    """One shard: its documents sorted by doc_id, packed, written (unless already there)."""
+def _pack_and_write(out_uri: str, endpoint: Optional[str], spec: PackSpec, name: str, *parts: pa.Table,
+                    sse: Optional[ServerSideEncryption] = None, sealed_with: Optional[str] = None) -> dict:
+    """One shard: its documents sorted by doc_id, packed, written (unless already there); sealed
+    under this worker's key when ``sealed_with`` (the driver's key fingerprint) is given."""
     parts = [p for p in parts if p.num_rows]
     t = pa.concat_tables(parts) if parts else None
     if t is None or t.num_rows == 0:
         return {"name": name, "num_sequences": 0, "num_tokens": 0, "documents": 0, "tail_tokens_dropped": 0, "bytes_written": 0}
     t = t.take(pc.sort_indices(t, [("doc_id", "ascending")]))
     blocks, docs, tail = pack_token_lists(t["tokens"], spec)
-    out = resolve_storage(out_uri, endpoint)
+    out = resolve_storage(out_uri, endpoint, sse)
+    key = dataset_key(sealed_with, out_uri)
     written = 0
     if len(blocks) and not out.exists("shards", name):
-        written = write_shard(out, name, shard_table(blocks, docs))
+        written = write_shard(out, name, shard_table(blocks, docs), key)
     return {"name": name, "num_sequences": len(blocks), "num_tokens": int(blocks.size), "documents": t.num_rows,
             "tail_tokens_dropped": tail, "bytes_written": written}
 
 
-def _pack_group(t: pa.Table, out_uri, endpoint, spec, n_shards, prefix) -> pa.Table:
+def _pack_group(t: pa.Table, out_uri, endpoint, spec, n_shards, prefix, sse=None, sealed_with=None) -> pa.Table:
     """``_pack_and_write`` as a Ray Data ``map_groups`` function (the large-job path)."""
     name = f"{prefix}-{shard_name(int(t['shard'][0].as_py()), n_shards)}"
-    return pa.Table.from_pylist([_pack_and_write(out_uri, endpoint, spec, name, t.select(["doc_id", "tokens"]))])
+    return pa.Table.from_pylist([_pack_and_write(out_uri, endpoint, spec, name, t.select(["doc_id", "tokens"]),
+                                                 sse=sse, sealed_with=sealed_with)])
 
 
-def _write_rejects(out: Storage, rejects: list[dict]) -> dict[str, int]:
-    """rejects/<reason>.jsonl, sorted by source location. Bad input is expected to be a small
-    share of a corpus, so it is gathered on the driver and each file written whole."""
+def _prepare_key(recipe: Recipe) -> Optional[bytes]:
+    """The driver's key for ``prepare.encrypt`` (None without it): no usable key is the
+    recipe's error, one line, before any Ray work."""
+    if not recipe.prepare.encrypt:
+        return None
+    try:
+        return load_key()
+    except EncryptionError as e:
+        raise RecipeError("prepare.encrypt", str(e)) from None
+
+
+def _key_runtime_env(key: Optional[bytes]) -> dict:
+    """Ray remote options for the tasks that seal shards: the key file's path reaches them
+    (``encryption.key_file_env``); the key itself never enters a runtime env."""
+    env = key_file_env() if key is not None else {}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def _write_rejects(out: Storage, rejects: list[dict], key: Optional[bytes] = None) -> dict[str, int]:
+    """rejects/<reason>.jsonl, sorted by source location, sealed under ``key`` when given (they
+    quote raw input). Bad input is expected to be a small share of a corpus, so it is gathered
+    on the driver and each file written whole."""
     by_reason: dict[str, list[dict]] = {}
     for r in sorted(rejects, key=lambda r: (r["source"], r["line"], r["reason"])):
         entry = {k: r[k] for k in ("source", "line", "reason", "detail", "raw")}
         entry["line"] = None if entry["line"] == -1 else entry["line"]
         by_reason.setdefault(r["reason"], []).append(entry)
     for reason, rows in by_reason.items():
-        out.child("rejects").write_text(f"{reason}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        name, text = f"{reason}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()
+        out.child("rejects").write_bytes(name, text if key is None else encrypt_bytes(text, name, key))
     return {reason: len(rows) for reason, rows in sorted(by_reason.items())}
 
 
@@ -277,16 +311,18 @@ def _prepare(recipe: Recipe) -> dict:
     from llm_ray.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_tokenizer_from_texts
     from llm_ray.train.launcher import ensure_ray
 
-    cfg, endpoint = recipe.prepare, recipe.run.s3_endpoint
+    cfg, endpoint, sse = recipe.prepare, recipe.run.s3_endpoint, sse_of(recipe.run)
     cfg.require_io()
+    key = _prepare_key(recipe)
+    sealed_with = key_fingerprint(key) if key is not None else None
     started = time.time()
-    out = resolve_storage(cfg.output, endpoint)
+    out = resolve_storage(cfg.output, endpoint, sse)
     files = [f for uri in cfg.inputs for f in list_files(uri, endpoint)]  # fails fast, naming bucket/key
     if not files:
         raise StorageError(f"prepare.inputs: no files under {', '.join(cfg.inputs)}")
     tok_path = recipe.data.tokenizer.path
     given = load_tokenizer(tok_path) if tok_path and os.path.exists(tok_path) else None
-    fingerprint = _fingerprint(recipe, files, tokenizer_hash(given) if given else None)
+    fingerprint = _fingerprint(recipe, files, tokenizer_hash(given) if given else None, sealed_with)
     done = read_manifest(out)
     if done and done.get("fingerprint") == fingerprint:
         summary = json.loads(out.read_text("summary.json"))
@@ -389,22 +425,30 @@ def _prepare(recipe: Recipe) -> dict:
 
         # 4. group by shard, pack, write
         names = [f"{fingerprint}-{shard_name(s, n_shards)}" for s in range(n_shards)]
-        if len(tokenized_refs) * n_shards <= TASK_SHUFFLE_MAX_PARTS:
-            split = ray.remote(_split_by_shard).options(num_returns=n_shards + 1)
-            splits = [split.remote(ref, n_shards) for ref in tokenized_refs]
-            write = ray.remote(_pack_and_write)
-            shard_rows = ray.get([write.remote(out.uri, endpoint, spec, names[s], *[p[s] for p in splits]) for s in range(n_shards)])
-            block_counts = ray.get([p[n_shards] for p in splits])
-        else:
-            shard_rows = (
-                ray.data.from_arrow_refs(tokenized_refs)
-                .groupby("shard")
-                .map_groups(_pack_group, batch_format="pyarrow",
-                            fn_kwargs={"out_uri": out.uri, "endpoint": endpoint, "spec": spec, "n_shards": n_shards,
-                                       "prefix": fingerprint})
-                .take_all()
-            )
-            block_counts = ray.get([ray.remote(_block_counts).remote(ref) for ref in tokenized_refs])
+        sealing = {"sse": sse, "sealed_with": sealed_with}
+        try:
+            if len(tokenized_refs) * n_shards <= TASK_SHUFFLE_MAX_PARTS:
+                split = ray.remote(_split_by_shard).options(num_returns=n_shards + 1)
+                splits = [split.remote(ref, n_shards) for ref in tokenized_refs]
+                write = ray.remote(_pack_and_write).options(**_key_runtime_env(key))
+                shard_rows = ray.get([write.remote(out.uri, endpoint, spec, names[s], *[p[s] for p in splits], **sealing)
+                                      for s in range(n_shards)])
+                block_counts = ray.get([p[n_shards] for p in splits])
+            else:
+                shard_rows = (
+                    ray.data.from_arrow_refs(tokenized_refs)
+                    .groupby("shard")
+                    .map_groups(_pack_group, batch_format="pyarrow",
+                                fn_kwargs={"out_uri": out.uri, "endpoint": endpoint, "spec": spec, "n_shards": n_shards,
+                                           "prefix": fingerprint, **sealing}, **_key_runtime_env(key))
+                    .take_all()
+                )
+                block_counts = ray.get([ray.remote(_block_counts).remote(ref) for ref in tokenized_refs])
+        except Exception as e:  # a worker without the key, or with another: one line, not its traceback
+            refused = encryption_failure(e) if key is not None else None
+            if refused is None:
+                raise
+            raise refused from None
         counts: dict[str, int] = {}
         for c in block_counts:
             _add(counts, c)
@@ -413,7 +457,7 @@ def _prepare(recipe: Recipe) -> dict:
         shards = sorted((r for r in shard_rows if r["num_sequences"] > 0), key=lambda r: r["name"])
         lap("pack_write")
 
-        reject_counts = _write_rejects(out, rejects)
+        reject_counts = _write_rejects(out, rejects, key)
         out.write_text("tokenizer.json", tokenizer.to_str())
         summary = {
             "output": out.uri,
@@ -443,6 +487,7 @@ def _prepare(recipe: Recipe) -> dict:
             "block_len": block_len,
             "sep_id": sep,
             "keep_doc_boundaries": cfg.keep_doc_boundaries,
+            **({"encrypted": True, "key_fingerprint": sealed_with} if sealed_with else {}),
             "counts": {k: summary[k] for k in ("records_read", "rejects", "filtered", "dedup", "pii", "documents",
                                                "sequences", "tokens")},
             "shards": [{"name": str(r["name"]), "num_sequences": int(r["num_sequences"]), "num_tokens": int(r["num_tokens"]),

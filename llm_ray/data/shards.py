@@ -11,6 +11,12 @@ Documents are assigned to shards by a stable hash of their ``doc_id`` and sorted
 shard, so the same input and recipe give byte-identical shards however Ray splits the work.
 Each shard is one PUT on object storage (atomic) or a temp file renamed into place locally: a
 shard is either complete or absent.
+
+Sealed datasets (``prepare.encrypt``): each shard's bytes are AES-256-GCM encrypted before they
+leave the task that packed them, its name as associated data (``llm_ray.encryption``); the
+manifest stays readable and records ``encrypted`` and the key's fingerprint. Readers decide
+from the manifest, never from the file: a plaintext shard slipped into a sealed dataset is
+refused, and each shard is decrypted in memory and authenticated whole before Parquet sees it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llm_ray.encryption import EncryptionError, decrypt_bytes, encrypt_bytes, key_fingerprint, load_key
 from llm_ray.storage import Storage
 
 MANIFEST = "manifest.json"
@@ -96,29 +103,65 @@ def shard_table(blocks: np.ndarray, docs: np.ndarray | None) -> pa.Table:
     return pa.table(columns)
 
 
-def write_shard(out: Storage, name: str, table: pa.Table) -> int:
-    """Write a shard whole (see module docstring); returns its size in bytes."""
+def write_shard(out: Storage, name: str, table: pa.Table, key: bytes | None = None) -> int:
+    """Write a shard whole (see module docstring), sealed under ``key`` when given; returns its
+    size in bytes."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
+    data = buf.getvalue() if key is None else encrypt_bytes(buf.getvalue(), name, key)
     out.child(SHARDS).write_bytes(name, data)
     return len(data)
 
 
-def read_shard(out: Storage, name: str) -> np.ndarray:
+def shard_key(manifest: dict, uri: str) -> bytes | None:
+    """The key a dataset's shards need: None for a plaintext dataset, else this process's key
+    (``dataset_key``)."""
+    return dataset_key(manifest.get("key_fingerprint") if manifest.get("encrypted") else None, uri)
+
+
+def dataset_key(fingerprint: str | None, uri: str) -> bytes | None:
+    """The environment's key once its fingerprint is ``fingerprint`` (None: no key needed);
+    EncryptionError, one line, when there is no key or another one."""
+    if fingerprint is None:
+        return None
+    try:
+        key = load_key()
+    except EncryptionError as e:
+        raise EncryptionError(f"{uri} holds encrypted shards: {e}") from None
+    if key_fingerprint(key) != fingerprint:
+        raise EncryptionError(f"{uri} is encrypted with another key (fingerprint {fingerprint}, "
+                              f"this process's key {key_fingerprint(key)})")
+    return key
+
+
+def read_shard(out: Storage, name: str, key: bytes | None = None) -> np.ndarray:
     """(N, block_len) int32 sequences of one shard."""
-    return read_shard_columns(out, name, ["input_ids"])["input_ids"]
+    return read_shard_columns(out, name, ["input_ids"], key)["input_ids"]
 
 
-def read_shard_columns(out: Storage, name: str, columns: list[str]) -> dict[str, np.ndarray]:
-    """(N, block_len) int32 arrays of one shard: ``input_ids`` and/or ``doc_index``."""
-    with out.fs.open_input_file(posixpath.join(out.root, SHARDS, name)) as f:
-        table = pq.read_table(f, columns=columns)
+def read_shard_columns(out: Storage, name: str, columns: list[str], key: bytes | None = None) -> dict[str, np.ndarray]:
+    """(N, block_len) int32 arrays of one shard: ``input_ids`` and/or ``doc_index``; ``key``
+    (``shard_key``): the shard is sealed, decrypted in memory and authenticated first."""
+    path = posixpath.join(out.root, SHARDS, name)
+    if key is None:  # plaintext: Parquet reads only the columns asked for
+        with out.fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=columns)
+    else:
+        table = pq.read_table(pa.BufferReader(_decrypted_shard(out, name, key)), columns=columns)
     arrays = {}
     for c in columns:
         column = table.column(c).combine_chunks()
         arrays[c] = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
     return arrays
+
+
+def _decrypted_shard(out: Storage, name: str, key: bytes) -> bytes:
+    with out.fs.open_input_stream(posixpath.join(out.root, SHARDS, name)) as f:
+        blob = f.read()
+    try:
+        return decrypt_bytes(blob, name, key)
+    except EncryptionError as e:  # "<name>: refused ..." / "<name>: not an encrypted file", with the folder
+        raise EncryptionError(f"{out.child(SHARDS).uri}/{e}") from None
 
 
 def read_manifest(out: Storage) -> dict | None:

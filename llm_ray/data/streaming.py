@@ -8,6 +8,10 @@ position decides its rank exactly as for in-memory data (``sampler.py``). Each w
 a Ray Data pipeline over *its own* remaining micro-batch indices: an actor reads and caches the
 shards those positions fall in, Ray Data prefetches ahead of the training step, and the data
 position in the checkpoint is all a restart needs.
+
+Sealed shards (``prepare.encrypt``) are decrypted in the reader's memory with the key of its own
+process's environment: the key never travels with the source (Ray pickles it to every worker
+and may spill objects to disk), only the path of a key file does, as for checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 
 from llm_ray.config.loader import RecipeError
 from llm_ray.data.packing import MaskingSpec, causal_lm_example, masked_lm_example
-from llm_ray.data.shards import read_manifest, read_shard_columns
+from llm_ray.data.shards import read_manifest, read_shard_columns, shard_key
+from llm_ray.encryption import key_file_env
 from llm_ray.storage import resolve_storage
 
 
@@ -63,11 +68,12 @@ class _MicroBatchReader:
         self.source, self.start = source, start
         self.dp_rank, self.dp_size, self.micro, self.accum = dp_rank, dp_size, micro, accum
         self.out = resolve_storage(source.uri, source.s3_endpoint)
+        self.key = shard_key(source.manifest, source.uri)  # this process's key (None: plaintext)
         self.cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
     def _shard(self, index: int) -> dict[str, np.ndarray]:
         if index not in self.cache:
-            self.cache[index] = read_shard_columns(self.out, self.source.shard_names[index], self.source.columns)
+            self.cache[index] = read_shard_columns(self.out, self.source.shard_names[index], self.source.columns, self.key)
             while len(self.cache) > 4:  # a position range rarely spans more than two shards
                 self.cache.popitem(last=False)
         self.cache.move_to_end(index)
@@ -97,6 +103,7 @@ class ShardSource:
         if manifest is None:
             raise FileNotFoundError(f"data.shards: no manifest.json under {uri} (run `llm-ray data prepare` first)")
         self.manifest = manifest
+        shard_key(manifest, uri)  # sealed shards and no key (or another): one line here, before Ray
         if doc_attention_mask and not manifest.get("keep_doc_boundaries"):
             raise RecipeError("data.doc_attention_mask", f"the shards under {uri} hold no document boundaries "
                                                          "(prepare them with prepare.keep_doc_boundaries: true)")
@@ -145,6 +152,13 @@ class ShardSource:
             concurrency=1,
             num_cpus=0,
             batch_format="numpy",
+            **self._key_env(),
         )
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=4):
             yield {key: value[0] for key, value in batch.items()}
+
+    def _key_env(self) -> dict:
+        """The reader actor's runtime env for sealed shards: the key file's path (inside a Train
+        worker it is inherited already; a reader started by the driver needs it given)."""
+        env = key_file_env() if self.manifest.get("encrypted") else {}
+        return {"runtime_env": {"env_vars": env}} if env else {}

@@ -253,3 +253,8 @@ def hidden_cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tenso
     """DistilBERT's cosine term: mean over unmasked positions of 1 − cos(h_s, h_t); hidden (B, T, d)."""
     cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)  # (B, T)
     return masked_mean(1 - cos, mask.float())
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+    """||w - w0||^2 summed over parameter tensors (FedProx's term, before its mu/2)."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))

@@ -18,9 +18,11 @@ Opacus' accountant (RDP or PRV) turns (σ, sample rate, steps, δ) into ε, repo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,11 +74,26 @@ def noise_for_target(target_epsilon: float, delta: float, rate: float, steps: in
                                       accountant=accountant))
 
 
+@functools.lru_cache(maxsize=32)
+def _one_step_rdp(noise_multiplier: float, rate: float) -> tuple[float, ...]:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    return tuple(rdp.compute_rdp(q=rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+
+
 def epsilon(noise_multiplier: float, rate: float, steps: int, delta: float, accountant: str) -> float:
     """ε at δ after ``steps`` DP-SGD steps, from Opacus' accountant (its own computation)."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    if accountant == "rdp":
+        # Opacus' RDP of n steps is n x the one-step RDP per order (its compute_rdp multiplies):
+        # computing that curve once keeps ~50 ms of accounting out of every step
+        from opacus.accountants.analysis import rdp
+
+        curve = np.array(_one_step_rdp(noise_multiplier, rate)) * steps
+        return float(rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta)[0])
+    acc = PRVAccountant()
     acc.history = [(noise_multiplier, rate, steps)]  # steps of one (σ, q): what acc.step() would record
     return float(acc.get_epsilon(delta))
 

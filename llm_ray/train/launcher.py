@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from llm_ray.config import Recipe, RecipeError
 from llm_ray.stage import StageResult
-from llm_ray.storage import Storage, resolve_storage
+from llm_ray.storage import Storage, resolve_storage, sse_of
 
 
 def ensure_ray() -> None:
@@ -132,7 +132,7 @@ def prepare_source(recipe: Recipe, run: Storage):
 def pretrain_job(recipe: Recipe) -> tuple["TrainJob", Storage, Storage]:
     """(job, storage, run folder) of a pretraining recipe, every check done: what ``pretrain``
     fits, and what a Ray Tune trial builds before it fits its own trainer (``build_trainer``)."""
-    storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint)
+    storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint, sse_of(recipe.run))
     run = storage.child(recipe.run.name)
     if not recipe.checkpoint.resume and _has_checkpoints(run):
         raise RecipeError(
@@ -224,12 +224,9 @@ def worker_env(use_gpu: bool) -> dict:
     """Environment of the training workers: the DeepSpeed accelerator and, where set, the path of
     the encryption key file (a path, not a secret; the key itself is never put in a runtime env,
     which the dashboard shows: set LLM_RAY_ENCRYPTION_KEY on the nodes, e.g. from a Secret)."""
-    from llm_ray.encryption import KEY_FILE_ENV
+    from llm_ray.encryption import key_file_env
 
-    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
-    if os.environ.get(KEY_FILE_ENV):
-        env[KEY_FILE_ENV] = os.path.abspath(os.environ[KEY_FILE_ENV])
-    return env
+    return {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", **key_file_env()}
 
 
 def check_encryption_key(recipe: Recipe) -> None:

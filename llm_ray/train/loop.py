@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from llm_ray.config import Recipe, from_dict
 from llm_ray.data.source import TrainingSource
-from llm_ray.storage import resolve_storage
+from llm_ray.storage import resolve_storage, sse_of
 from llm_ray.train.checkpointing import TrainState, restore_checkpoint, save_checkpoint
 from llm_ray.train.device import detect_device, measure_matmul_tflops, resolve_precision
 
@@ -29,7 +29,7 @@ def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items() if k != "sample_ids"}
 
 
-class _Step:
+class TrainStep:
     """One optimizer step over ``grad_accum`` micro batches with the objective's loss; returns
     the loss and the objective's metrics, each averaged over micro batches and DP ranks."""
 
@@ -142,7 +142,7 @@ def train_worker(config: dict) -> None:
     from llm_ray.train.parallelize import build_engine
 
     source: TrainingSource = ray.get(config["source"])
-    run = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint).child(recipe.run.name)
+    run = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint, sse_of(recipe.run)).child(recipe.run.name)
     engine = build_engine(recipe, spec, objective, dev.is_gpu, precision)
     frozen = _build_frozen(objective, dev.device, precision)
     if recipe.parallel.pipeline_stages > 1:
@@ -174,7 +174,7 @@ def train_worker(config: dict) -> None:
         steps=(recipe.run.stop_at_step or t.max_steps) - state.step,
     )
     objective.on_train_start(engine, state.step)
-    step_fn = _Step(engine, batches, recipe, dev.device, objective, frozen)
+    step_fn = TrainStep(engine, batches, recipe, dev.device, objective, frozen)
     manifest = {**expect, "recipe_hash": config["recipe_hash"], "world_size": ctx.get_world_size(), "objective": objective.name}
     timed_steps, timed_seconds, last = 0, 0.0, {}
     while state.step < t.max_steps:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from llm_ray.config import Recipe, RecipeError
 from llm_ray.config.loader import check
 from llm_ray.models.converters import LoadWeights, LoRA, ModelSpec
-from llm_ray.storage import Storage, resolve_storage
+from llm_ray.storage import Storage, resolve_storage, sse_of
 
 REJECTS = "rejects.jsonl"
 
@@ -101,7 +101,7 @@ def start(recipe: Recipe, stage: str, arch: Optional[str] = None) -> TunedRun:
         raise RecipeError("finetune.init_from", str(e)) from None
     bundle = load_bundle(init_dir)
     recipe = tuned_recipe(recipe, bundle.cfg, stage, arch)
-    storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint)
+    storage = resolve_storage(recipe.run.storage_path, recipe.run.s3_endpoint, sse_of(recipe.run))
     run = storage.child(recipe.run.name)
     if recipe.finetune.output:
         out_dir = os.path.abspath(recipe.finetune.output)
