@@ -4,8 +4,9 @@ Two real engine runs of one recipe (default ``jobs/recipes/dp-tiny.yaml``: Ray T
 its workers and ZeRO stage), ``--steps`` steps each, the same data, model and optimizer; the
 named baseline ``non_private`` is the recipe with ``privacy.dp.enabled=false``. Tokens/s is
 the engine's own mean over steps 2... (the first pays set-up). What limits DP-SGD here: the
-per-example norm pass (``torch.func`` vmap of grad: a second forward and backward, per example)
-and, on CPU, SDPA having no vmap batching rule (torch falls back to a loop over examples).
+per-example gradients (``torch.func`` vmap of grad: every example's gradient materialised,
+and on CPU SDPA's backward has no vmap batching rule, so torch loops over examples there) and
+their norms and clipped sum; the model runs once forward and once backward per step, as without DP.
 Target (issue 14): at most 2x the non-private step.
 
 Secure aggregation (``--parts secagg``): two federated runs of one recipe (default
@@ -49,8 +50,8 @@ def bench_dp(recipe_path: str, overrides: list[str], steps: int) -> dict:
     print(f"\n{'run':<14}{'tokens/s':>12}{'step time x':>14}{'final loss':>12}{'epsilon':>10}")
     print(f"{'non_private':<14}{base['tokens_per_s']:>12.0f}{1:>14.2f}{base['final_loss']:>12.4f}{'-':>10}")
     print(f"{'dp_sgd':<14}{dp['tokens_per_s']:>12.0f}{ratio:>14.2f}{dp['final_loss']:>12.4f}{dp['privacy']['epsilon']:>10.2f}")
-    print("what limits it: the per-example norm pass (vmap of grad: one more forward+backward, example by example where "
-          "an op has no batching rule, as SDPA on CPU); target <= 2x.")
+    print("what limits it: per-example gradients (vmap of grad: each example's gradient materialised, example by "
+          "example where an op has no batching rule, as SDPA's backward on CPU), their norms and clipped sum; target <= 2x.")
     return {"recipe": recipe_path, "steps": steps, "baseline": "non_private", "precision": base.get("precision"),
                "non_private_tokens_per_s": base["tokens_per_s"], "dp_sgd_tokens_per_s": dp["tokens_per_s"],
                "dp_step_over_non_private": round(ratio, 3), "epsilon": dp["privacy"]["epsilon"],

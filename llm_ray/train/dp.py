@@ -3,15 +3,17 @@
 The engine's backward, accumulation and data-parallel all-reduce stay DeepSpeed's. What
 changes is the loss each rank back-propagates for a micro batch of b examples:
 
-    L = (1/b) Σ_i w_i ℓ_i  +  [rank 0] (1/b) <n, θ>,   w_i = min(1, C / ‖∇ℓ_i‖)  (detached)
+    L = (1/b) <Σ_i w_i ∇ℓ_i, θ>  +  [rank 0] (1/b) <n, θ>,   w_i = min(1, C / ‖∇ℓ_i‖)
 
-Its gradient is (1/b)(Σ_i clip_C(∇ℓ_i) + n). DeepSpeed averages it over accumulation steps and
+with the clipped sum and the noise as constants (the value of L is set to the mean loss). Its
+gradient is (1/b)(Σ_i clip_C(∇ℓ_i) + n). DeepSpeed averages it over accumulation steps and
 ranks, so the step's gradient is (1/B)(Σ_{i ∈ global batch} clip_C(∇ℓ_i) + Σ_m n_m): with
 n_m ~ N(0, σ²C²/accum) on rank 0 only, Σ_m n_m ~ N(0, σ²C²), noise added once per step, as
-DP-SGD (Abadi et al. 2016) prescribes, whatever the world size. The per-example norms come from
-``torch.func`` (vmap of grad over the batch, one functional pass of the model; Opacus'
+DP-SGD (Abadi et al. 2016) prescribes, whatever the world size. The per-example gradients come from
+``torch.func`` (vmap of grad over the batch: one functional forward and backward of the model,
+which yields the losses too), so the step needs no second pass through the model; Opacus'
 ``GradSampleModule`` hooks do not compose with DeepSpeed's engine, and fastDP is not on our
-stack). The noise is seeded by (seed, step, micro step): a resumed run draws the same noise.
+stack. The noise is seeded by (seed, step, micro step): a resumed run draws the same noise.
 
 Opacus' accountant (RDP or PRV) turns (σ, sample rate, steps, δ) into ε, reported each step.
 """
@@ -29,10 +31,11 @@ from torch import nn
 from llm_ray.train.objective import Objective
 
 
-def per_example_grad_norms(module: nn.Module, per_example_loss, batch: dict, chunk: int | None = None) -> torch.Tensor:
-    """(B,) the L2 norm of each example's gradient over ``module``'s trainable parameters;
-    ``per_example_loss(module, batch) -> (B,)``. One ``torch.func`` pass, no .grad touched."""
-    from torch.func import functional_call, grad, vmap
+def per_example_grads(module: nn.Module, per_example_loss, batch: dict, chunk: int | None = None):
+    """({name: (B, *shape)} each example's gradient over ``module``'s trainable parameters, (B,)
+    each example's loss); ``per_example_loss(module, batch) -> (B,)``. One ``torch.func`` pass,
+    no .grad touched."""
+    from torch.func import functional_call, grad_and_value, vmap
 
     params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
@@ -42,9 +45,27 @@ def per_example_grad_norms(module: nn.Module, per_example_loss, batch: dict, chu
         rows = {k: v.unsqueeze(0) for k, v in example.items()}  # a batch of one
         return per_example_loss(lambda *a, **k: functional_call(module, ({**trainable, **frozen}, buffers), a, k), rows)[0]
 
-    grads = vmap(grad(one), in_dims=(None, 0), chunk_size=chunk)(params, batch)  # {name: (B, *shape)}
-    squares = sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values())  # (B,)
-    return squares.sqrt()
+    return vmap(grad_and_value(one), in_dims=(None, 0), chunk_size=chunk)(params, batch)
+
+
+def grad_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) the L2 norm of each example's gradient, over every parameter."""
+    return sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values()).sqrt()
+
+
+def per_example_grad_norms(module: nn.Module, per_example_loss, batch: dict, chunk: int | None = None) -> torch.Tensor:
+    """(B,) the L2 norm of each example's gradient over ``module``'s trainable parameters."""
+    return grad_norms(per_example_grads(module, per_example_loss, batch, chunk)[0])
+
+
+def gradient_term(params: list[nn.Parameter], grads: list[torch.Tensor]) -> torch.Tensor:
+    """A scalar of value 0 whose gradient w.r.t. each parameter is the given constant:
+    <g, θ - θ.detach()>. How a gradient computed outside the engine (the clipped sum, the noise)
+    enters DeepSpeed's backward, and so its accumulation, ZeRO partitioning and all-reduce."""
+    total = torch.zeros((), device=params[0].device)
+    for p, g in zip(params, grads, strict=True):
+        total = total + (g.detach().to(p.device, p.dtype) * (p - p.detach())).sum()
+    return total
 
 
 def clip_weights(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -53,13 +74,10 @@ def clip_weights(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 def noise_term(params: list[nn.Parameter], std: float, generator: torch.Generator) -> torch.Tensor:
-    """A scalar whose gradient w.r.t. each parameter is fresh N(0, std²) noise and whose value is
-    0 (so the logged loss stays the loss): <n, θ - θ.detach()>."""
-    total = torch.zeros((), device=params[0].device)
-    for p in params:
-        n = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype) * std
-        total = total + (n * (p - p.detach())).sum()
-    return total
+    """A scalar of value 0 whose gradient w.r.t. each parameter is fresh N(0, std²) noise (so the
+    logged loss stays the loss)."""
+    noise = [torch.randn(p.shape, generator=generator, dtype=torch.float32) * std for p in params]
+    return gradient_term(params, noise)
 
 
 def sample_rate(global_batch: int, examples: int) -> float:
@@ -138,17 +156,17 @@ class DPSGD(Objective):
 
         module = engine.module if hasattr(engine, "module") else engine
         fields = {k: batch[k] for k in (*self.batch_fields, "segment_ids") if k in batch}
-        norms = per_example_grad_norms(module, self.inner.per_example_loss, fields)  # (B,)
-        weights = clip_weights(norms, self.max_grad_norm)
-        losses = self.inner.per_example_loss(engine, fields)  # (B,) through the engine: its hooks run
+        grads, losses = per_example_grads(module, self.inner.per_example_loss, fields)  # {name: (B, ...)}, (B,)
+        norms = grad_norms(grads)
+        weights = clip_weights(norms, self.max_grad_norm)  # (B,)
         b = losses.shape[0]
-        weighted = (weights.detach() * losses).sum() / b
-        loss = losses.mean().detach() + (weighted - weighted.detach())  # value: the loss; gradient: clipped
+        clipped = {n: torch.einsum("b,b...->...", weights.to(g.dtype), g) / b for n, g in grads.items()}
+        trainable = [p for n, p in module.named_parameters() if p.requires_grad]
+        loss = losses.mean().detach() + gradient_term(trainable, list(clipped.values()))  # value: the loss
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) * 1_009 + self.micro)
             std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.grad_accum)
-            trainable = [p for p in module.parameters() if p.requires_grad]
             loss = loss + noise_term(trainable, std, g) / b
         self.micro += 1
         return loss, {"clipped_share": (norms > self.max_grad_norm).float().mean(), "grad_norm_median": norms.median(),
