@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", nargs=None if required else "?", help="YAML recipe (jobs/recipes/*.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. parallel.zero_stage=3")
 
+    def with_spec(p, kind: str, example: str, out: str):  # SPEC --out DIR stages (eval, redteam, canary)
+        p.add_argument("spec", help=f"YAML {kind} spec (jobs/recipes/{kind.replace('-', '')}-*.yaml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {example}")
+        p.add_argument("--out", required=True, help=out)
+
     p = sub.add_parser("pretrain", help="pretrain with Ray Train + DeepSpeed")
     with_recipe(p)
     p.set_defaults(func=cmd_pretrain)
@@ -299,15 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="perplexity, generation and classification metrics of a model folder")
-    p.add_argument("spec", help="YAML eval spec (jobs/recipes/eval-*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. tasks.heldout.window=128")
-    p.add_argument("--out", required=True, help="folder for report.json, report.md, summary.json")
+    with_spec(p, "eval", "tasks.heldout.window=128", "folder for report.json, report.md, summary.json")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("redteam", help="jailbreak, prompt-injection, PII-extraction and toxicity prompts against a model folder or an OpenAI-compatible endpoint, scored by rules")
-    p.add_argument("spec", help="YAML red-team spec (jobs/recipes/redteam-*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. target.model=models/tiny, limit_per_category=2")
-    p.add_argument("--out", required=True, help="folder for report.json, report.md, responses.jsonl, summary.json")
+    with_spec(p, "red-team", "target.model=models/tiny, limit_per_category=2",
+              "folder for report.json, report.md, responses.jsonl, summary.json")
     p.set_defaults(func=cmd_redteam)
 
     p = sub.add_parser("compress", help="quantize, prune or distill a model folder (SPEC --out DIR), or sweep methods with Ray Tune (sweep SPEC)")
@@ -318,9 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("canary", help="canary exposure: secrets planted into a corpus, trained plain / DP-SGD / PII-scrubbed, exposure per arm")
-    p.add_argument("spec", help="YAML canary spec (jobs/recipes/canary-*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. arms=[plain,dp], canaries.repeats=[1,8]")
-    p.add_argument("--out", required=True, help="folder for the planted corpus, the runs and models, summary.json, report.md")
+    with_spec(p, "canary", "arms=[plain,dp], canaries.repeats=[1,8]",
+              "folder for the planted corpus, the runs and models, summary.json, report.md")
     p.set_defaults(func=cmd_canary)
 
     p = sub.add_parser("demo", help="tokenizer -> pretrain -> resume -> export -> sample, on local Ray and CPU")

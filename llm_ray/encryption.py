@@ -74,6 +74,15 @@ def key_fingerprint(key: bytes) -> str:
     return hmac.new(key, b"llm-ray key fingerprint", hashlib.sha256).hexdigest()[:16]
 
 
+def check_fingerprint(key: bytes, fingerprint: str | None, what: str) -> bytes:
+    """``key`` once it is the one ``what`` was sealed with (its manifest's ``fingerprint``);
+    EncryptionError, one line, when it is another: a wrong key is told apart from tampering."""
+    if key_fingerprint(key) != fingerprint:
+        raise EncryptionError(f"{what} is encrypted with another key (fingerprint {fingerprint}, "
+                              f"this process's key {key_fingerprint(key)})")
+    return key
+
+
 def is_encrypted(data: bytes) -> bool:
     return data.startswith(MAGIC)
 

@@ -24,9 +24,18 @@ class StageResult:
         return self.out_dir
 
 
+def write_files(out_dir: str, files: dict[str, str]) -> None:
+    """Write text files into a local folder (created if needed), each whole or absent (a
+    temporary file renamed into place)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in files.items():
+        tmp = os.path.join(out_dir, f".{name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+
 def write_summary(out_dir: str, summary: dict) -> StageResult:
     """Write ``summary.json`` into a local folder (created if needed) and return the result."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, SUMMARY), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_files(out_dir, {SUMMARY: json.dumps(summary, indent=2)})
     return StageResult(out_dir, summary)

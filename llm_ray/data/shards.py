@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llm_ray.encryption import EncryptionError, decrypt_bytes, encrypt_bytes, key_fingerprint, load_key
+from llm_ray.encryption import EncryptionError, check_fingerprint, decrypt_bytes, encrypt_bytes, load_key
 from llm_ray.storage import Storage
 
 MANIFEST = "manifest.json"
@@ -128,10 +128,7 @@ def dataset_key(fingerprint: str | None, uri: str) -> bytes | None:
         key = load_key()
     except EncryptionError as e:
         raise EncryptionError(f"{uri} holds encrypted shards: {e}") from None
-    if key_fingerprint(key) != fingerprint:
-        raise EncryptionError(f"{uri} is encrypted with another key (fingerprint {fingerprint}, "
-                              f"this process's key {key_fingerprint(key)})")
-    return key
+    return check_fingerprint(key, fingerprint, uri)
 
 
 def read_shard(out: Storage, name: str, key: bytes | None = None) -> np.ndarray:

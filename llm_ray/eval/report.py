@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from llm_ray.stage import SUMMARY, write_files
+
 # How each metric is shown in report.md: scale and digits (BLEU is already 0-100).
 _PERCENT = {"accuracy", "f1_macro", "rouge1", "rouge2", "rougeL", "meteor", "bertscore_precision", "bertscore_recall", "bertscore_f1"}
 
@@ -25,10 +27,15 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
-def _cell(text: Any, limit: int = 160) -> str:
-    s = " ".join(str(text).split())  # one line: a table cell cannot hold newlines
-    s = s if len(s) <= limit else s[: limit - 1] + "…"
-    return s.replace("|", "\\|")
+def one_line(text: Any, limit: int) -> str:
+    """``text`` on one line (whitespace runs joined), cut to ``limit`` characters with an ellipsis."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def markdown_cell(text: Any, limit: int = 160) -> str:
+    """A markdown table cell: one line (a cell cannot hold newlines), pipes escaped."""
+    return one_line(text, limit).replace("|", "\\|")
 
 
 def to_markdown(report: dict) -> str:
@@ -47,22 +54,16 @@ def to_markdown(report: dict) -> str:
         lines += ["", f"## {name}", "", "| prompt (end) | prediction | expected |", "|---|---|---|"]
         for ex in task["examples"]:
             expected = ex.get("target", " / ".join(ex.get("references", [])))
-            lines.append(f"| {_cell(ex['prompt'][-120:])} | {_cell(ex['prediction'])} | {_cell(expected)} |")
+            lines.append(f"| {markdown_cell(ex['prompt'][-120:])} | {markdown_cell(ex['prediction'])} | {markdown_cell(expected)} |")
     return "\n".join(lines) + "\n"
 
 
 def write_reports(report: dict, out_dir: str) -> dict:
     """Write report.json, report.md and summary.json into ``out_dir``; return the summary."""
-    os.makedirs(out_dir, exist_ok=True)
     summary = {"model": report["model"], "metrics": flat_metrics(report), "seconds": report["seconds"], "out_dir": os.path.abspath(out_dir)}
-    files = {
+    write_files(out_dir, {
         "report.json": json.dumps(report, indent=2, ensure_ascii=False),
         "report.md": to_markdown(report),
-        "summary.json": json.dumps(summary, indent=2),
-    }
-    for name, text in files.items():
-        tmp = os.path.join(out_dir, f".{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))  # whole or absent
+        SUMMARY: json.dumps(summary, indent=2),
+    })
     return summary

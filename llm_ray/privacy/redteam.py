@@ -14,14 +14,16 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Protocol
 
 from llm_ray.config.loader import RecipeError
 from llm_ray.config.redteam import RedteamSpec
+from llm_ray.eval.report import markdown_cell, one_line
 from llm_ray.privacy import redteam_rules as rules
-from llm_ray.stage import SUMMARY, StageResult
+from llm_ray.stage import SUMMARY, StageResult, write_files
 
 Reply = tuple[str, Optional[str]]  # (response text, error message or None)
 _OPTIONAL_FIELDS = {"tactic", "system", "success_pattern", "canary"}
@@ -221,7 +223,7 @@ class EndpointTarget:
 
 
 def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]
+    return one_line(e, 300)
 
 
 def check_target(spec: RedteamSpec) -> str:
@@ -250,12 +252,7 @@ def build_target(spec: RedteamSpec) -> Target:
 def _example(row: dict) -> dict:
     keep = ("id", "tactic", "outcome", "refusal_phrase", "toxic_terms", "pii", "error")
     ex = {k: row[k] for k in keep if row.get(k) not in (None, [], {})}
-    return {**ex, "response": _truncate(row["response"], 200)}
-
-
-def _truncate(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return {**ex, "response": one_line(row["response"], 200)}
 
 
 def _examples(rows: list[dict], k: int) -> list[dict]:
@@ -296,7 +293,7 @@ def run_redteam(spec: RedteamSpec, out_dir: str, target: Optional[Target] = None
             "prompts_file": str(Path(spec.prompts_dir) / f"{category}.jsonl"),
             "attack_success_means": rules.SUCCESS_MEANS[category],
             "metrics": rules.aggregate(category, rows),
-            "outcomes": _count(r["outcome"] for r in rows),
+            "outcomes": dict(Counter(r["outcome"] for r in rows)),
             "examples": _examples(rows, spec.examples_in_report),
         }
     all_rows = [r for rows in rows_by_category.values() for r in rows]
@@ -332,13 +329,6 @@ def _load_lexicon(spec: RedteamSpec) -> list[str]:
         raise RecipeError("lexicon", str(e)) from None
 
 
-def _count(values) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
-
-
 def redteam_stage(spec: RedteamSpec, out_dir: str) -> StageResult:
     """``llm-ray redteam`` as a stage: the report folder and its summary."""
     run_redteam(spec, out_dir)
@@ -349,10 +339,6 @@ def redteam_stage(spec: RedteamSpec, out_dir: str) -> StageResult:
 # -- reports ------------------------------------------------------------------------------------
 def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _cell(text) -> str:
-    return _truncate(str(text), 160).replace("|", "\\|")
 
 
 def target_name(target: dict) -> str:
@@ -380,7 +366,7 @@ def to_markdown(report: dict) -> str:
             f"{k} {_pct(v) if k.endswith('_rate') else v}" for k, v in extra.items()) + ".", ""]
         if cat["examples"]:
             lines += ["| id | tactic | outcome | response (start) |", "|---|---|---|---|"]
-            lines += [f"| {ex['id']} | {ex.get('tactic', '')} | {ex['outcome']} | {_cell(ex['response'])} |" for ex in cat["examples"]]
+            lines += [f"| {ex['id']} | {ex.get('tactic', '')} | {ex['outcome']} | {markdown_cell(ex['response'])} |" for ex in cat["examples"]]
     rules_ = report["rules"]
     lines += ["", "## Rules and limits", "",
               f"- Refusal: any of {len(rules_['refusal_patterns'])} regular expressions (report.json `rules.refusal_patterns`; "
@@ -399,18 +385,12 @@ def flat_metrics(report: dict) -> dict:
 
 def write_reports(report: dict, rows: list[dict], out_dir: str) -> dict:
     """report.json, report.md, responses.jsonl and summary.json, each whole or absent."""
-    os.makedirs(out_dir, exist_ok=True)
     summary = {"target": target_name(report["target"]), "scoring": "rules", "metrics": flat_metrics(report),
                "n_prompts": len(rows), "seconds": report["seconds"], "out_dir": os.path.abspath(out_dir)}
-    files = {
+    write_files(out_dir, {
         "report.json": json.dumps(report, indent=2, ensure_ascii=False),
         "report.md": to_markdown(report),
         "responses.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
         SUMMARY: json.dumps(summary, indent=2),
-    }
-    for name, text in files.items():
-        tmp = os.path.join(out_dir, f".{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+    })
     return summary

@@ -119,13 +119,9 @@ def decrypted_checkpoint(folder: str, manifest: dict, scratch: str) -> str:
     EncryptionError naming the file that fails authentication, or the key that does not match."""
     if not manifest.get("encrypted"):
         return folder
-    from llm_ray.encryption import EncryptionError, decrypted_copy, key_fingerprint, load_key
+    from llm_ray.encryption import check_fingerprint, decrypted_copy, load_key
 
-    key = load_key()
-    if key_fingerprint(key) != manifest.get("key_fingerprint"):
-        raise EncryptionError(f"{folder} was encrypted with another key (fingerprint {manifest.get('key_fingerprint')}, "
-                              f"this key's {key_fingerprint(key)})")
-    decrypted_copy(folder, scratch, key)
+    decrypted_copy(folder, scratch, check_fingerprint(load_key(), manifest.get("key_fingerprint"), folder))
     return scratch
 
 
